@@ -1,0 +1,49 @@
+"""Engine configuration: one frozen dataclass, validated on construction, passed down explicitly."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    # Checkpoint file (.pth / .safetensors); None = the built-in demo model (random weights).
+    model_path: str | None = None
+    # "owner/name" the APIs use; None = "local/<file stem>" or "local/rwkv7-demo".
+    model_id: str | None = None
+    backend: str = "auto"  # auto | torch | triton
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    dtype: str = "auto"  # auto (fp32 on CPU, fp16 on GPU) | float32 | float16 | bfloat16
+    # Sequences holding a state slot at once = rows of a step.
+    max_batch_size: int = 64
+    # Tokens read per step, decode rows plus prefill chunks.
+    max_batch_tokens: int = 2048
+    # Tokens of one sequence's prompt read per step.
+    prefill_chunk: int = 512
+    # Sequences waiting for a slot before new ones are refused (RESOURCE_EXHAUSTED, retryable).
+    max_queued: int = 1024
+    max_prompt_tokens: int = 1_000_000
+    max_new_tokens: int = 1_000_000
+    # Prefix-state cache: entries kept (0 = off) and the shortest prefix worth an entry.
+    prefix_cache_entries: int = 32
+    prefix_cache_min_tokens: int = 32
+    # torch intra-op threads on CPU; None = torch's default.
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        problems = []
+        if self.backend not in ("auto", "torch", "triton"):
+            problems.append(f"backend must be auto, torch or triton, not {self.backend!r}")
+        if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
+            problems.append(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        for name in ("max_batch_size", "max_batch_tokens", "prefill_chunk", "max_prompt_tokens", "max_new_tokens"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        if self.max_batch_tokens < self.max_batch_size:
+            problems.append("max_batch_tokens must be at least max_batch_size (every running row reads a token)")
+        if self.max_queued < 0 or self.prefix_cache_entries < 0 or self.prefix_cache_min_tokens < 1:
+            problems.append("max_queued and prefix_cache_entries must be >= 0, prefix_cache_min_tokens >= 1")
+        if self.threads is not None and self.threads < 1:
+            problems.append("threads must be at least 1")
+        if problems:
+            raise ValueError("; ".join(problems))

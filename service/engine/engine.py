@@ -1,0 +1,271 @@
+"""The engine thread: takes commands, runs steps back to back, and hands events to the callers' loops.
+
+The step loop runs in its own thread and never waits on the network: callers on any thread submit
+requests and commands through a queue (admission limits are checked at once, in the caller's thread),
+and each step's events go out in one batch per event loop. A failing step fails the requests in it,
+a failing request fails alone; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import TypeVar
+
+from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+
+from .config import EngineConfig
+from .protocol import EngineStats, FinishReason, GenerationRequest, StateRef, TokenEvent, check_sampling
+from .runner import Runner
+from .scheduler import Scheduler, StepPlan
+from .sequence import Phase, Sequence, Sink
+from .snapshot import StateSnapshot
+from .tokenizer import WorldTokenizer
+
+log = logging.getLogger("rwkvd.engine")
+T = TypeVar("T")
+
+
+class Engine:
+    def __init__(self, runner: Runner, tokenizer: WorldTokenizer, config: EngineConfig) -> None:
+        self._runner = runner
+        self._tokenizer = tokenizer
+        self._config = config
+        self._scheduler = Scheduler(config.max_batch_tokens, config.prefill_chunk)
+        self._cv = threading.Condition()
+        self._commands: deque[Callable[[], None]] = deque()
+        self._queued = 0  # submitted, not yet holding a slot (guarded by _cv)
+        self._live: set[str] = set()  # request ids not yet finished (guarded by _cv)
+        self._stopping = False
+        self._finished_seqs: list[Sequence] = []  # finished this iteration, events not yet delivered
+        self._thread = threading.Thread(target=self._run, name="rwkvd-engine", daemon=True)
+        self.steps = 0
+
+    # ---- any thread ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancels whatever still runs, then stops the thread."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+
+    @property
+    def model_version(self) -> str:
+        return self._runner.model_version
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        """Queues a request; raises at once if it is invalid or the engine is full or stopping."""
+        self._validate(request)
+        start = request.start_state
+        assert start is None or isinstance(start, StateSnapshot)
+        if request.sampling.seed is not None:
+            seed = request.sampling.seed
+        elif start is not None and request.inherit_sampler:
+            seed = start.seed
+        else:
+            seed = secrets.randbits(63)
+        seq = Sequence(request, sink, self._tokenizer, seed)
+        with self._cv:
+            if self._stopping:
+                raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING", retry_after=1.0)
+            if request.request_id in self._live:
+                raise AlreadyExists(f"request id {request.request_id!r} is in use", reason="DUPLICATE_REQUEST_ID")
+            if self._queued >= self._config.max_queued:
+                raise ResourceExhausted(
+                    f"{self._queued} requests are waiting for a slot; try again shortly",
+                    reason="QUEUE_FULL",
+                    retry_after=1.0,
+                )
+            self._queued += 1
+            self._live.add(request.request_id)
+            self._commands.append(lambda: self._scheduler.add(seq))
+            self._cv.notify()
+
+    def abort(self, request_id: str) -> None:
+        self._post(lambda: self._abort(request_id))
+
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs fn in the engine thread between steps (for state copies); its result or error in the future."""
+        future: Future[T] = Future()
+
+        def run() -> None:
+            if future.set_running_or_notify_cancel():
+                try:
+                    future.set_result(fn())
+                except BaseException as exc:
+                    future.set_exception(exc)
+
+        self._post(run)
+        return future
+
+    def snapshot_of(self, request_id: str) -> StateSnapshot:
+        """(Engine thread.) The current state of a live request."""
+        seq = self._scheduler.by_id.get(request_id)
+        if seq is None:
+            raise FailedPrecondition(f"request {request_id!r} is not running", reason="NOT_RUNNING")
+        if seq.slot is None:
+            raise FailedPrecondition(f"request {request_id!r} has not started yet", reason="NOT_STARTED")
+        return self._runner.snapshot(seq)
+
+    def stats(self) -> EngineStats:
+        cache = self._runner.prefix_cache
+        return EngineStats(
+            running=len(self._scheduler.running),
+            waiting=len(self._scheduler.waiting),
+            slots_in_use=self._runner.pool.in_use,
+            slots_total=self._runner.pool.capacity,
+            prefix_cache_entries=len(cache),
+            prefix_cache_hits=cache.hits,
+            prefix_cache_misses=cache.misses,
+            steps=self.steps,
+        )
+
+    def _post(self, command: Callable[[], None]) -> None:
+        with self._cv:
+            self._commands.append(command)
+            self._cv.notify()
+
+    def _validate(self, request: GenerationRequest) -> None:
+        vocab = self._runner.model.shape.vocab_size
+        check_sampling(request.sampling, "sampling", vocab, self._config.max_new_tokens)
+        if len(request.prompt) > self._config.max_prompt_tokens:
+            raise InvalidArgument.for_field(
+                "prompt",
+                f"{len(request.prompt)} tokens, at most {self._config.max_prompt_tokens} are accepted",
+                reason="PROMPT_TOO_LONG",
+            )
+        if any(not 0 <= t < vocab for t in request.prompt):
+            raise InvalidArgument.for_field("prompt", f"token ids must be in [0, {vocab})", reason="INVALID_TOKEN")
+        start = request.start_state
+        if start is not None and (
+            not isinstance(start, StateSnapshot) or start.model_version != self._runner.model_version
+        ):
+            raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
+
+    # ---- engine thread ------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._commands and self._scheduler.idle and not self._stopping:
+                    self._cv.wait()
+                commands = list(self._commands)
+                self._commands.clear()
+                stopping = self._stopping
+            for command in commands:
+                command()
+            if stopping:
+                for seq in list(self._scheduler.all()):
+                    self._finish(seq, FinishReason.CANCELLED)
+                self._deliver()
+                return
+            self._expire()
+            self._admit()
+            plan = self._scheduler.plan()
+            if plan.rows:
+                self._step(plan)
+            self._deliver()
+
+    def _admit(self) -> None:
+        while self._runner.free_slots > 0 and self._scheduler.waiting:
+            seq = self._scheduler.admit_next()
+            assert seq is not None
+            with self._cv:
+                self._queued -= 1
+            start = seq.request.start_state
+            try:
+                self._runner.admit(seq, start if isinstance(start, StateSnapshot) else None)
+            except Exception as exc:
+                log.exception("admitting %s failed", seq.id)
+                self._finish(seq, FinishReason.ERROR, error=f"admission failed: {exc}")
+                continue
+            if seq.params.max_tokens == 0 and seq.fed >= seq.target:
+                self._finish(seq, FinishReason.LENGTH)  # nothing to read: the prompt is its pending token
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for seq in list(self._scheduler.all()):
+            deadline = seq.request.deadline
+            if deadline is not None and now >= deadline:
+                self._finish(seq, FinishReason.DEADLINE)
+
+    def _step(self, plan: StepPlan) -> None:
+        step_start = time.monotonic()
+        try:
+            result = self._runner.execute(plan)
+        except Exception as exc:  # the step is lost; its rows' states may be half-updated
+            log.exception("engine step failed (%d rows)", len(plan.rows))
+            for row in plan.rows:
+                self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
+            return
+        self.steps += 1
+        now = time.monotonic()
+        sampled = dict(zip(result.sample_rows, range(len(result.sample_rows)), strict=True))
+        for i, row in enumerate(plan.rows):
+            seq = row.seq
+            try:
+                seq.mark_read(row.end, step_start, now)
+                if row.end in seq.cache_points:
+                    self._runner.cache_prefix(seq)
+                j = sampled.get(i)
+                if j is not None:
+                    seq.on_token(result.sampled.tokens[j], result.sampled.logprobs[j], now)
+                if seq.finish_reason is not None:
+                    self._finish(seq, seq.finish_reason)
+                elif seq.params.max_tokens == 0 and seq.fed >= seq.target:
+                    self._finish(seq, FinishReason.LENGTH)
+            except Exception as exc:  # this request alone fails
+                log.exception("request %s failed after a step", seq.id)
+                self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+
+    def _abort(self, request_id: str) -> None:
+        seq = self._scheduler.by_id.get(request_id)
+        if seq is not None:
+            self._finish(seq, FinishReason.CANCELLED)
+
+    def _finish(self, seq: Sequence, reason: FinishReason, error: str | None = None) -> None:
+        state: StateRef | None = None
+        if seq.phase is Phase.WAITING:
+            with self._cv:
+                self._queued -= 1
+            if seq.request.keep_state:
+                state = seq.request.start_state
+        elif seq.slot is not None:
+            if reason is not FinishReason.ERROR:
+                if seq.request.keep_state:
+                    state = self._runner.snapshot(seq)
+                self._runner.cache_prefix(seq)
+            self._runner.release(seq)
+        seq.outbox.append(seq.finished_event(reason, state, error))
+        self._scheduler.remove(seq)
+        self._finished_seqs.append(seq)
+        with self._cv:
+            self._live.discard(seq.id)
+
+    def _deliver(self) -> None:
+        """One callback per event loop with every event of this iteration."""
+        batches: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[TokenEvent]]]] = {}
+        for seq in (*self._scheduler.running, *self._finished_seqs):
+            if seq.outbox:
+                batches.setdefault(seq.sink.loop, []).append((seq.sink, seq.outbox))
+                seq.outbox = []
+        self._finished_seqs.clear()
+        for loop, items in batches.items():
+            with contextlib.suppress(RuntimeError):  # that loop is closed: its consumers are gone
+                loop.call_soon_threadsafe(_deliver_all, items)
+
+
+def _deliver_all(items: list[tuple[Sink, list[TokenEvent]]]) -> None:
+    for sink, events in items:
+        sink.deliver(events)

@@ -1,0 +1,206 @@
+"""The in-process EngineClient: async generators over the engine thread, and building it from config.
+
+Each generate() call gets an asyncio queue that the engine thread fills once per step; under load
+several deltas are waiting and are merged into one (fewer, larger messages for the front ends).
+Leaving the iterator before the end aborts the request, so a vanished client frees its slot at the
+next step.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import torch
+
+from .backend import ModelBackend
+from .checkpoint import Checkpoint, load_checkpoint, validate_state_dict
+from .config import EngineConfig
+from .engine import Engine
+from .generator import DEMO_SEED, demo_shape, generate_state_dict, state_dict_sha256
+from .model import TorchRwkv7
+from .prefix_cache import PrefixCache
+from .protocol import Delta, EngineStats, Finished, GenerationRequest, ModelInfo, StateRef, TokenEvent
+from .runner import Runner
+from .snapshot import StateSnapshot, from_bytes, to_bytes
+from .tokenizer import WorldTokenizer
+
+log = logging.getLogger("rwkvd.engine")
+DEMO_MODEL_ID = "local/rwkv7-demo"
+
+
+class _QueueSink:
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.queue: asyncio.Queue[list[TokenEvent]] = asyncio.Queue()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def deliver(self, events: list[TokenEvent]) -> None:
+        self.queue.put_nowait(events)
+
+
+def coalesce(events: list[TokenEvent]) -> list[TokenEvent]:
+    """Merges runs of consecutive deltas into one delta each (order and content kept)."""
+    out: list[TokenEvent] = []
+    for ev in events:
+        last = out[-1] if out else None
+        if isinstance(ev, Delta) and isinstance(last, Delta) and last.offset + len(last.token_ids) == ev.offset:
+            out[-1] = Delta(
+                ev.request_id,
+                last.offset,
+                last.token_ids + ev.token_ids,
+                last.text + ev.text,
+                last.logprobs + ev.logprobs,
+            )
+        else:
+            out.append(ev)
+    return out
+
+
+class LocalEngineClient:
+    def __init__(self, engine: Engine, tokenizer: WorldTokenizer, model: ModelInfo, runner: Runner) -> None:
+        self._engine = engine
+        self._tokenizer = tokenizer
+        self._model = model
+        self._runner = runner
+
+    @property
+    def model(self) -> ModelInfo:
+        return self._model
+
+    @property
+    def tokenizer(self) -> WorldTokenizer:
+        return self._tokenizer
+
+    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        sink = _QueueSink(asyncio.get_running_loop())
+        self._engine.submit(request, sink)
+        finished = False
+        try:
+            while not finished:
+                batch = await sink.queue.get()
+                while not sink.queue.empty():
+                    batch.extend(sink.queue.get_nowait())
+                for event in coalesce(batch):
+                    finished = isinstance(event, Finished)
+                    yield event
+        finally:
+            if not finished:
+                self._engine.abort(request.request_id)
+
+    async def abort(self, request_id: str) -> None:
+        self._engine.abort(request_id)
+
+    async def snapshot(self, request_id: str) -> StateRef:
+        return await asyncio.wrap_future(self._engine.call(lambda: self._engine.snapshot_of(request_id)))
+
+    async def export_state(self, state: StateRef) -> bytes:
+        assert isinstance(state, StateSnapshot)
+        return await asyncio.wrap_future(self._engine.call(lambda: to_bytes(state)))
+
+    async def import_state(self, data: bytes) -> StateRef:
+        model = self._runner.model
+        return from_bytes(
+            data, model_version=self._model.version, shape=model.shape, device=model.device, dtype=model.dtype
+        )
+
+    def stats(self) -> EngineStats:
+        return self._engine.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._engine.shutdown(timeout)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
+
+
+def load_weights(config: EngineConfig) -> tuple[Checkpoint, str, bool]:
+    """The checkpoint to serve, its model id, and whether it is the built-in demo."""
+    if config.model_path is None:
+        tensors = generate_state_dict(demo_shape(), seed=DEMO_SEED, dtype=torch.float32)
+        ckpt = validate_state_dict(tensors, source="built-in demo", sha256=state_dict_sha256(tensors))
+        log.warning("serving the built-in DEMO model: random weights, its text is noise (use --model PATH)")
+        return ckpt, config.model_id or DEMO_MODEL_ID, True
+    ckpt = load_checkpoint(config.model_path)
+    stem = Path(config.model_path).stem.replace("/", "-")
+    return ckpt, config.model_id or f"local/{stem}", False
+
+
+def build_backend(config: EngineConfig, ckpt: Checkpoint) -> ModelBackend:
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    if config.backend == "triton" or (config.backend == "auto" and device.type == "cuda"):
+        if config.backend == "triton":
+            raise ValueError("the triton backend is not built yet; use --backend torch")
+        log.info("triton backend not available yet; using torch on %s", device)
+    return TorchRwkv7(ckpt, device, dtype)
+
+
+def build_engine(config: EngineConfig) -> LocalEngineClient:
+    """Loads the model and starts the engine thread."""
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    started = time.time()
+    ckpt, model_id, demo = load_weights(config)
+    backend = build_backend(config, ckpt)
+    tokenizer = WorldTokenizer()
+    if backend.shape.vocab_size != tokenizer.vocab_size:
+        raise ValueError(f"vocabulary of {backend.shape.vocab_size} tokens; rwkvd needs the World vocabulary (65536)")
+    runner = Runner(
+        backend,
+        config.max_batch_size,
+        ckpt.sha256,
+        PrefixCache(config.prefix_cache_entries, config.prefix_cache_min_tokens),
+    )
+    engine = Engine(runner, tokenizer, config)
+    s = ckpt.shape
+    info = ModelInfo(
+        id=model_id,
+        version=ckpt.sha256,
+        architecture="rwkv7",
+        n_layer=s.n_layer,
+        n_embd=s.n_embd,
+        n_head=s.n_head,
+        head_size=s.head_size,
+        vocab_size=s.vocab_size,
+        ffn_dim=s.ffn_dim,
+        lora=(s.decay_lora, s.aaa_lora, s.mv_lora, s.gate_lora),
+        parameter_count=ckpt.parameter_count,
+        checkpoint_dtype=ckpt.dtype_name,
+        dtype=str(backend.dtype).removeprefix("torch."),
+        backend=backend.name,
+        device=str(backend.device),
+        demo=demo,
+        source=ckpt.source,
+        load_time=started,
+        max_batch_size=config.max_batch_size,
+    )
+    engine.start()
+    log.info(
+        "model %s (%s, L%d C%d, %.1fM params, %s) on %s/%s ready in %.1fs",
+        model_id,
+        ckpt.sha256[:12],
+        s.n_layer,
+        s.n_embd,
+        ckpt.parameter_count / 1e6,
+        info.dtype,
+        backend.name,
+        backend.device,
+        time.time() - started,
+    )
+    return LocalEngineClient(engine, tokenizer, info, runner)

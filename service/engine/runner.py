@@ -1,0 +1,129 @@
+"""Executes engine steps on the device: slots in, model forward, batch sampling, states and caches out.
+
+Owns every tensor of the engine apart from the weights: the state pool, the sampler's per-slot
+penalties and the prefix-state cache. Called only from the engine thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .backend import ModelBackend, StepBatch
+from .prefix_cache import PrefixCache
+from .sampler import Sampled, Sampler, SampleRow
+from .scheduler import StepPlan
+from .sequence import Sequence, feed_for
+from .snapshot import StateSnapshot
+from .state_pool import StatePool
+
+
+@dataclass(frozen=True)
+class StepResult:
+    sampled: Sampled
+    sample_rows: list[int]  # plan row index of each sampled token
+
+
+class Runner:
+    def __init__(self, model: ModelBackend, slots: int, model_version: str, prefix_cache: PrefixCache) -> None:
+        self.model = model
+        self.device = model.device
+        self.model_version = model_version
+        self.pool = StatePool(model.shape, slots, model.device, model.dtype)
+        self.sampler = Sampler(slots, model.shape.vocab_size, model.device)
+        self.prefix_cache = prefix_cache
+
+    @property
+    def free_slots(self) -> int:
+        return self.pool.capacity - self.pool.in_use
+
+    def admit(self, seq: Sequence, start: StateSnapshot | None) -> None:
+        """Gives `seq` a slot holding its start state: a snapshot, a cached prefix, or zero."""
+        slot = self.pool.allocate()
+        if slot is None:
+            raise RuntimeError("admit() without a free slot")
+        seq.slot = slot
+        req = seq.request
+        if start is not None:
+            self.pool.restore(slot, start.rnn)
+            seq.feed = feed_for(req.prompt, start.pending_token)
+            seq.base_token_count = start.token_count
+            if req.inherit_sampler:
+                self.sampler.restore(slot, start.penalties, start.seen)
+                seq.position = start.position
+            else:
+                self.sampler.reset(slot)
+        else:
+            seq.feed = feed_for(req.prompt, None)
+            seq.from_zero = True
+            self.sampler.reset(slot)
+            hit = self.prefix_cache.lookup(seq.feed) if req.use_prefix_cache else None
+            if hit is not None:
+                n, cached = hit
+                self.pool.restore(slot, cached)
+                seq.fed = seq.cached_tokens = n
+        seq.prompt_end = len(seq.feed)
+        shift = len(seq.feed) - len(req.prompt)  # request offsets are prompt offsets
+        points = {p + shift for p in req.cache_points if 0 < p + shift < seq.prompt_end}
+        if seq.from_zero and req.use_prefix_cache and self.prefix_cache.worth_caching(seq.prompt_end - 1):
+            points.add(seq.prompt_end - 1)  # the whole prompt but its last token: serves repeats of it
+        seq.cache_points = sorted(p for p in points if p > seq.fed)
+
+    def release(self, seq: Sequence) -> None:
+        if seq.slot is not None:
+            self.pool.release(seq.slot)
+            seq.slot = None
+
+    def execute(self, plan: StepPlan) -> StepResult:
+        rows = plan.rows
+        slots = [r.seq.slot for r in rows]
+        assert all(s is not None for s in slots)
+        sample_rows = [i for i, r in enumerate(rows) if r.sample]
+        batch = StepBatch.build([r.tokens for r in rows], slots, sample_rows, self.device)  # type: ignore[arg-type]
+        logits = self.model.forward(batch, self.pool)  # [R, V]
+        sample_specs = [
+            SampleRow(
+                slot=rows[i].seq.slot,  # type: ignore[arg-type]
+                params=rows[i].seq.params,
+                seed=rows[i].seq.seed,
+                position=rows[i].seq.position,
+                banned=rows[i].seq.banned_now,
+            )
+            for i in sample_rows
+        ]
+        sampled = self.sampler.sample(logits, sample_specs) if sample_specs else Sampled([], [])
+        return StepResult(sampled, sample_rows)
+
+    def cache_prefix(self, seq: Sequence) -> None:
+        """Puts the slot's state (after feed[:fed]) into the prefix cache, if it is a from-zero state."""
+        if seq.from_zero and seq.slot is not None and seq.request.use_prefix_cache:
+            self.prefix_cache.insert(seq.feed[: seq.fed], self.pool.snapshot(seq.slot))
+
+    def snapshot(self, seq: Sequence) -> StateSnapshot:
+        """The sequence's state as it stands after the latest step."""
+        assert seq.slot is not None
+        penalties, seen = self.sampler.snapshot(seq.slot)
+        return StateSnapshot(
+            rnn=self.pool.snapshot(seq.slot),
+            pending_token=seq.pending_token,
+            token_count=seq.token_count,
+            penalties=penalties,
+            seen=seen,
+            seed=seq.seed,
+            position=seq.position,
+            model_version=self.model_version,
+        )
+
+    def zero_snapshot(self, seed: int) -> StateSnapshot:
+        V = self.model.shape.vocab_size
+        return StateSnapshot(
+            rnn=self.pool.zero_state(),
+            pending_token=None,
+            token_count=0,
+            penalties=torch.zeros(V, device=self.device),
+            seen=torch.zeros(V, device=self.device, dtype=torch.bool),
+            seed=seed,
+            position=0,
+            model_version=self.model_version,
+        )

@@ -1,0 +1,164 @@
+"""Sampling for a whole batch on the device, with per-row parameters and per-slot penalty state.
+
+Penalties are additive and decay (RWKV style). Per slot the sampler keeps an accumulated penalty [V]
+and a seen-mask [V]; after a token x is sampled: penalty *= penalty_decay, then penalty[x] +=
+frequency_penalty + (presence_penalty if x is new else repetition_penalty). With decay 1 and
+repetition 0 this is exactly OpenAI's presence/frequency penalty; with frequency 0 it is RWKV-Server's.
+Only generated tokens count.
+
+Randomness is one uniform number per row and token position, a hash of (seed, position): a row's
+choice does not depend on the other rows in the batch, so the same seed, state and parameters give
+the same tokens. Sampling is inverse-CDF over the (top-k/top-p truncated) distribution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .protocol import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(x: int) -> int:
+    # splitmix64 finaliser: a bijection of 64-bit ints with good avalanche.
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+def uniform(seed: int, position: int) -> float:
+    """A number in [0, 1 - 2^-23] from (seed, position); 23 bits so u * total stays below total in fp32."""
+    return (_mix64(_mix64(seed) ^ position) >> 41) / float(1 << 23)
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    slot: int
+    params: SamplingParams
+    seed: int
+    position: int  # index of the token being sampled in this sequence's random stream
+    banned: tuple[int, ...] = ()  # tokens that may not be sampled now (stops before min_tokens)
+
+
+@dataclass(frozen=True)
+class Sampled:
+    tokens: list[int]
+    # Per row: (logprob of the chosen token, [(id, logprob)] top alternatives) when asked for, else None.
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None]
+
+
+class Sampler:
+    def __init__(self, slots: int, vocab_size: int, device: torch.device) -> None:
+        self.vocab_size = vocab_size
+        self.device = device
+        self.penalties = torch.zeros(slots, vocab_size, device=device)  # [P, V] fp32
+        self.seen = torch.zeros(slots, vocab_size, device=device, dtype=torch.bool)  # [P, V]
+
+    def reset(self, slot: int) -> None:
+        self.penalties[slot].zero_()
+        self.seen[slot].zero_()
+
+    def snapshot(self, slot: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.penalties[slot].clone(), self.seen[slot].clone()
+
+    def restore(self, slot: int, penalties: torch.Tensor, seen: torch.Tensor) -> None:
+        self.penalties[slot].copy_(penalties)
+        self.seen[slot].copy_(seen)
+
+    def _tensor(self, values: Sequence[float] | Sequence[int], dtype: torch.dtype) -> torch.Tensor:
+        return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> Sampled:
+        """logits: [R, V] fp32, one row per entry of `rows`."""
+        R = logits.shape[0]
+        slots = self._tensor([r.slot for r in rows], torch.long)
+        work = logits
+        penalised = [i for i, r in enumerate(rows) if r.params.has_penalties]
+        if penalised:
+            idx = self._tensor(penalised, torch.long)
+            work = work.clone()
+            work[idx] -= self.penalties.index_select(0, slots.index_select(0, idx))
+        bans = [(i, t) for i, r in enumerate(rows) for t in r.banned]
+        if bans:
+            work = work.clone() if work is logits else work
+            work[self._tensor([b[0] for b in bans], torch.long), self._tensor([b[1] for b in bans], torch.long)] = (
+                float("-inf")
+            )
+
+        tokens = torch.empty(R, dtype=torch.long, device=self.device)
+        greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0]
+        drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
+        if greedy:
+            g = self._tensor(greedy, torch.long)
+            tokens[g] = work.index_select(0, g).argmax(dim=-1)
+        if drawn:
+            d = self._tensor(drawn, torch.long)
+            tokens[d] = self._draw(work.index_select(0, d), [rows[i] for i in drawn])
+        chosen = tokens.tolist()  # the one host sync of a step
+
+        self._update_penalties(rows, penalised, chosen)
+        return Sampled(chosen, self._logprobs(logits, rows, tokens))
+
+    def _draw(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """Inverse-CDF sampling of [D, V] logits with temperature, top-k and top-p."""
+        V = logits.shape[1]
+        scaled = logits / self._tensor([r.params.temperature for r in rows], torch.float32).unsqueeze(1)
+        truncate = any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in rows)
+        order: torch.Tensor | None = None
+        if truncate:
+            scaled, order = scaled.sort(dim=-1, descending=True)
+            probs = torch.softmax(scaled, dim=-1)
+            top_p = self._tensor([r.params.top_p for r in rows], torch.float32).unsqueeze(1)
+            top_k = self._tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], torch.long)
+            # Keep a token while the mass before it is under top_p (so the first always stays), and top_k.
+            keep = (probs.cumsum(dim=-1) - probs) < top_p
+            keep &= torch.arange(V, device=self.device).unsqueeze(0) < top_k.unsqueeze(1)
+            probs = probs * keep
+        else:
+            probs = torch.softmax(scaled, dim=-1)
+        cdf = probs.cumsum(dim=-1)
+        u = self._tensor([uniform(r.seed, r.position) for r in rows], torch.float32) * cdf[:, -1]
+        pos = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=V - 1)  # [D, 1]
+        return (order.gather(1, pos) if order is not None else pos).squeeze(1)
+
+    def _update_penalties(self, rows: Sequence[SampleRow], penalised: list[int], chosen: list[int]) -> None:
+        if not penalised:
+            return
+        ps = [rows[i].params for i in penalised]
+        slots = self._tensor([rows[i].slot for i in penalised], torch.long)
+        toks = self._tensor([chosen[i] for i in penalised], torch.long)
+        if any(p.penalty_decay != 1.0 for p in ps):
+            decay = self._tensor([p.penalty_decay for p in ps], torch.float32).unsqueeze(1)
+            self.penalties.index_copy_(0, slots, self.penalties.index_select(0, slots) * decay)
+        seen = self.seen[slots, toks]
+        presence = self._tensor([p.presence_penalty for p in ps], torch.float32)
+        repetition = self._tensor([p.repetition_penalty for p in ps], torch.float32)
+        frequency = self._tensor([p.frequency_penalty for p in ps], torch.float32)
+        # Slots are distinct within a step, so each (slot, token) pair appears once.
+        self.penalties[slots, toks] += torch.where(seen, repetition, presence) + frequency
+        self.seen[slots, toks] = True
+
+    def _logprobs(
+        self, logits: torch.Tensor, rows: Sequence[SampleRow], tokens: torch.Tensor
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Log-probabilities under the model itself (before penalties, temperature and truncation)."""
+        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        wanted = [i for i, r in enumerate(rows) if r.params.logprobs]
+        if not wanted:
+            return out
+        idx = self._tensor(wanted, torch.long)
+        lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)
+        picked = lp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1).tolist()
+        n_top = max(rows[i].params.top_logprobs for i in wanted)
+        top_v, top_i = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], lp[:, :0].long())
+        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
+        for j, i in enumerate(wanted):
+            n = rows[i].params.top_logprobs
+            out[i] = (picked[j], list(zip(top_i_l[j][:n], top_v_l[j][:n], strict=True)))
+        return out

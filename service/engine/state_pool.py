@@ -1,0 +1,84 @@
+"""The preallocated pool of per-sequence RNN states, one slot per running sequence.
+
+Layout is layer-major so a layer's forward reads one contiguous tensor: att_x [L, P, C] and ffn_x
+[L, P, C] (token-shift inputs, activation dtype), wkv [L, P, H, N, N] (always fp32). A snapshot is a
+copy of one slot (`RnnState`); restoring, forking and zeroing are copies inside this pool. No other
+module writes these tensors except the model forward, in place, by slot index.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checkpoint import ModelShape
+
+
+@dataclass(frozen=True)
+class RnnState:
+    """One sequence's state, detached from the pool."""
+
+    att_x: torch.Tensor  # [L, C]
+    wkv: torch.Tensor  # [L, H, N, N] fp32
+    ffn_x: torch.Tensor  # [L, C]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.att_x, self.wkv, self.ffn_x))
+
+    def to(self, device: torch.device | str) -> RnnState:
+        return RnnState(self.att_x.to(device), self.wkv.to(device), self.ffn_x.to(device))
+
+
+class StatePool:
+    def __init__(self, shape: ModelShape, slots: int, device: torch.device, dtype: torch.dtype) -> None:
+        L, C, H, N = shape.n_layer, shape.n_embd, shape.n_head, shape.head_size
+        self.shape = shape
+        self.device = device
+        self.dtype = dtype
+        self.att_x = torch.zeros(L, slots, C, device=device, dtype=dtype)  # [L, P, C]
+        self.wkv = torch.zeros(L, slots, H, N, N, device=device, dtype=torch.float32)  # [L, P, H, N, N]
+        self.ffn_x = torch.zeros(L, slots, C, device=device, dtype=dtype)  # [L, P, C]
+        # Handed out lowest first, so a lightly loaded engine touches few slots.
+        self._free = list(range(slots - 1, -1, -1))
+
+    @property
+    def capacity(self) -> int:
+        return self.att_x.shape[1]
+
+    @property
+    def in_use(self) -> int:
+        return self.capacity - len(self._free)
+
+    def allocate(self) -> int | None:
+        """A zeroed slot, or None when all are taken."""
+        if not self._free:
+            return None
+        slot = self._free.pop()
+        self.zero(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        self._free.append(slot)
+
+    def zero(self, slot: int) -> None:
+        for t in (self.att_x, self.wkv, self.ffn_x):
+            t[:, slot].zero_()
+
+    def snapshot(self, slot: int) -> RnnState:
+        return RnnState(self.att_x[:, slot].clone(), self.wkv[:, slot].clone(), self.ffn_x[:, slot].clone())
+
+    def restore(self, slot: int, state: RnnState) -> None:
+        self.att_x[:, slot].copy_(state.att_x)
+        self.wkv[:, slot].copy_(state.wkv)
+        self.ffn_x[:, slot].copy_(state.ffn_x)
+
+    def zero_state(self) -> RnnState:
+        """A zero state of this pool's shape and dtypes (not tied to a slot)."""
+        L, C, H, N = self.shape.n_layer, self.shape.n_embd, self.shape.n_head, self.shape.head_size
+        return RnnState(
+            torch.zeros(L, C, device=self.device, dtype=self.dtype),
+            torch.zeros(L, H, N, N, device=self.device, dtype=torch.float32),
+            torch.zeros(L, C, device=self.device, dtype=self.dtype),
+        )
