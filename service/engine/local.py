@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import torch
@@ -78,7 +78,7 @@ class LocalEngineClient:
     def tokenizer(self) -> WorldTokenizer:
         return self._tokenizer
 
-    async def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         sink = _QueueSink(asyncio.get_running_loop())
         self._engine.submit(request, sink)
         finished = False

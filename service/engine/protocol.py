@@ -7,7 +7,7 @@ edge. The domain depends on `EngineClient`, never on the concrete engine. No tor
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -178,7 +178,8 @@ TokenEvent = Started | Delta | Finished
 
 
 class Tokenizer(Protocol):
-    vocab_size: int
+    @property
+    def vocab_size(self) -> int: ...
 
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
@@ -231,7 +232,7 @@ class EngineClient(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Runs a request; events end with one Finished. Closing the iterator early aborts the request."""
         ...
 
