@@ -47,8 +47,10 @@ class Engine:
         self._finished_seqs: list[Sequence] = []  # finished this iteration, events not yet delivered
         self._thread = threading.Thread(target=self._run, name="rwkvd-engine", daemon=True)
         self.steps = 0
+        # Cumulative seconds per phase of the step loop (read by benchmarks and metrics).
+        self._clock = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "postprocess": 0.0, "deliver": 0.0}
 
-    # ---- any thread ---------------------------------------------------------------------------
+    # Methods up to _validate may be called from any thread; those after it run in the engine thread.
 
     def start(self) -> None:
         self._thread.start()
@@ -118,6 +120,10 @@ class Engine:
             raise FailedPrecondition(f"request {request_id!r} has not started yet", reason="NOT_STARTED")
         return self._runner.snapshot(seq)
 
+    def step_clock(self) -> dict[str, float]:
+        """A copy of the per-phase clock plus the step count (approximate if read while stepping)."""
+        return {**self._clock, "steps": float(self.steps)}
+
     def stats(self) -> EngineStats:
         cache = self._runner.prefix_cache
         return EngineStats(
@@ -153,8 +159,6 @@ class Engine:
         ):
             raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
 
-    # ---- engine thread ------------------------------------------------------------------------
-
     def _run(self) -> None:
         while True:
             with self._cv:
@@ -170,12 +174,16 @@ class Engine:
                     self._finish(seq, FinishReason.CANCELLED)
                 self._deliver()
                 return
+            t0 = time.perf_counter()
             self._expire()
             self._admit()
             plan = self._scheduler.plan()
+            self._clock["schedule"] += time.perf_counter() - t0
             if plan.rows:
                 self._step(plan)
+            t1 = time.perf_counter()
             self._deliver()
+            self._clock["deliver"] += time.perf_counter() - t1
 
     def _admit(self) -> None:
         while self._runner.free_slots > 0 and self._scheduler.waiting:
@@ -210,6 +218,9 @@ class Engine:
                 self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
             return
         self.steps += 1
+        self._clock["forward"] += result.forward_seconds
+        self._clock["sample"] += result.sample_seconds
+        post_start = time.perf_counter()
         now = time.monotonic()
         sampled = dict(zip(result.sample_rows, range(len(result.sample_rows)), strict=True))
         for i, row in enumerate(plan.rows):
@@ -228,6 +239,7 @@ class Engine:
             except Exception as exc:  # this request alone fails
                 log.exception("request %s failed after a step", seq.id)
                 self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+        self._clock["postprocess"] += time.perf_counter() - post_start
 
     def _abort(self, request_id: str) -> None:
         seq = self._scheduler.by_id.get(request_id)

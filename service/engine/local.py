@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from service.errors import InvalidArgument
+
 from .backend import ModelBackend
 from .checkpoint import Checkpoint, load_checkpoint, validate_state_dict
 from .config import EngineConfig
@@ -101,14 +103,24 @@ class LocalEngineClient:
         return await asyncio.wrap_future(self._engine.call(lambda: self._engine.snapshot_of(request_id)))
 
     async def export_state(self, state: StateRef) -> bytes:
-        assert isinstance(state, StateSnapshot)
+        if not isinstance(state, StateSnapshot) or state.model_version != self._model.version:
+            raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
         return await asyncio.wrap_future(self._engine.call(lambda: to_bytes(state)))
 
     async def import_state(self, data: bytes) -> StateRef:
         model = self._runner.model
-        return from_bytes(
-            data, model_version=self._model.version, shape=model.shape, device=model.device, dtype=model.dtype
+        # Parsing and device copies run in the engine thread, off the event loop and between steps.
+        return await asyncio.wrap_future(
+            self._engine.call(
+                lambda: from_bytes(
+                    data, model_version=self._model.version, shape=model.shape, device=model.device, dtype=model.dtype
+                )
+            )
         )
+
+    def step_clock(self) -> dict[str, float]:
+        """Cumulative seconds the engine thread spent per phase of its steps, and the step count."""
+        return self._engine.step_clock()
 
     def stats(self) -> EngineStats:
         return self._engine.stats()
@@ -151,12 +163,15 @@ def build_backend(config: EngineConfig, ckpt: Checkpoint) -> ModelBackend:
     return TorchRwkv7(ckpt, device, dtype)
 
 
-def build_engine(config: EngineConfig) -> LocalEngineClient:
-    """Loads the model and starts the engine thread."""
+def build_engine(config: EngineConfig, checkpoint: Checkpoint | None = None) -> LocalEngineClient:
+    """Loads the model (or takes `checkpoint`, e.g. generated in memory) and starts the engine thread."""
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     started = time.time()
-    ckpt, model_id, demo = load_weights(config)
+    if checkpoint is not None:
+        ckpt, model_id, demo = checkpoint, config.model_id or "local/" + Path(checkpoint.source).stem, False
+    else:
+        ckpt, model_id, demo = load_weights(config)
     backend = build_backend(config, ckpt)
     tokenizer = WorldTokenizer()
     if backend.shape.vocab_size != tokenizer.vocab_size:

@@ -6,6 +6,7 @@ penalties and the prefix-state cache. Called only from the engine thread.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ from .state_pool import StatePool
 class StepResult:
     sampled: Sampled
     sample_rows: list[int]  # plan row index of each sampled token
+    # Host seconds spent issuing the forward, and sampling (on a GPU the wait for the forward to finish
+    # lands in sample_seconds, at its one host sync).
+    forward_seconds: float
+    sample_seconds: float
 
 
 class Runner:
@@ -80,8 +85,10 @@ class Runner:
         slots = [r.seq.slot for r in rows]
         assert all(s is not None for s in slots)
         sample_rows = [i for i, r in enumerate(rows) if r.sample]
+        t0 = time.perf_counter()
         batch = StepBatch.build([r.tokens for r in rows], slots, sample_rows, self.device)  # type: ignore[arg-type]
         logits = self.model.forward(batch, self.pool)  # [R, V]
+        t1 = time.perf_counter()
         sample_specs = [
             SampleRow(
                 slot=rows[i].seq.slot,  # type: ignore[arg-type]
@@ -93,7 +100,7 @@ class Runner:
             for i in sample_rows
         ]
         sampled = self.sampler.sample(logits, sample_specs) if sample_specs else Sampled([], [])
-        return StepResult(sampled, sample_rows)
+        return StepResult(sampled, sample_rows, t1 - t0, time.perf_counter() - t1)
 
     def cache_prefix(self, seq: Sequence) -> None:
         """Puts the slot's state (after feed[:fed]) into the prefix cache, if it is a from-zero state."""

@@ -97,9 +97,14 @@ class Sampler:
         if greedy:
             g = self._tensor(greedy, torch.long)
             tokens[g] = work.index_select(0, g).argmax(dim=-1)
-        if drawn:
-            d = self._tensor(drawn, torch.long)
-            tokens[d] = self._draw(work.index_select(0, d), [rows[i] for i in drawn])
+        # Truncating rows draw over the sorted distribution, the others in vocabulary order; drawing the two
+        # groups apart keeps a row's token independent of the other rows' parameters.
+        truncating = [i for i in drawn if rows[i].params.top_p < 1.0 or rows[i].params.top_k > 0]
+        plain = [i for i in drawn if not (rows[i].params.top_p < 1.0 or rows[i].params.top_k > 0)]
+        for group in (truncating, plain):
+            if group:
+                d = self._tensor(group, torch.long)
+                tokens[d] = self._draw(work.index_select(0, d), [rows[i] for i in group])
         chosen = tokens.tolist()  # the one host sync of a step
 
         self._update_penalties(rows, penalised, chosen)

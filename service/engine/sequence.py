@@ -83,8 +83,6 @@ class Sequence:
         self._tokenizer = tokenizer
         self._stop_ids = frozenset(self.params.stop_token_ids) | (frozenset() if self.params.ignore_eos else {EOS_ID})
 
-    # ---- planning -------------------------------------------------------------------------------
-
     @property
     def target(self) -> int:
         """How far to read: everything, or all but the last token when nothing is to be generated."""
@@ -106,8 +104,6 @@ class Sequence:
     def banned_now(self) -> tuple[int, ...]:
         """Stop tokens cannot be sampled before min_tokens."""
         return tuple(self._stop_ids) if len(self.generated) < self.params.min_tokens else ()
-
-    # ---- progress -------------------------------------------------------------------------------
 
     def mark_read(self, end: int, step_start: float, now: float) -> None:
         if self.clock.prefill_start is None:
@@ -160,8 +156,6 @@ class Sequence:
     def _logprob(self, token: int, value: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
         tb = self._tokenizer.token_bytes
         return TokenLogprob(token, tb(token), value[0], tuple((i, tb(i), lp) for i, lp in value[1]))
-
-    # ---- the end --------------------------------------------------------------------------------
 
     def _started(self) -> Started:
         c = self.clock

@@ -88,6 +88,14 @@ def from_bytes(
         token_count, seed, position = int(meta["token_count"]), int(meta["seed"]), int(meta["position"])
     except (KeyError, ValueError) as exc:
         raise bad(f"metadata incomplete ({exc})") from exc
+    # The pending token is read first on resume: out of range, it would fail the whole step it runs in.
+    if pending is not None and not 0 <= pending < V:
+        raise bad(f"pending token {pending} is not in [0, {V})")
+    if token_count < 0 or position < 0:
+        raise bad("token_count and position must not be negative")
+    for key in ("att_x", "wkv", "ffn_x", "penalties"):
+        if not bool(torch.isfinite(tensors[key].float()).all()):
+            raise bad(f"tensor {key} has NaN or infinite values")
     rnn = RnnState(
         tensors["att_x"].to(device, dtype),
         tensors["wkv"].to(device, torch.float32),

@@ -1,0 +1,52 @@
+"""Test helpers: a real rwkvd app on loopback ports chosen by the OS, and tiny checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from service.app import App
+from service.config import build_config
+from service.engine.generator import generate_state_dict, model_shape, write_checkpoint
+
+
+@asynccontextmanager
+async def running_app(**settings: Any) -> AsyncIterator[App]:
+    """App.start() on 127.0.0.1 with gRPC and HTTP on port 0 (demo model unless engine.model_path is set)."""
+    values: dict[str, Any] = {
+        "host": "127.0.0.1",
+        "grpc_port": 0,
+        "http_port": 0,
+        "drain_seconds": 0.0,
+        "grace_seconds": 5.0,
+        "engine.max_batch_size": 16,
+    }
+    values.update(settings)
+    app = App(build_config(values))
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.shutdown()
+
+
+def grpc_target(app: App) -> str:
+    assert app.grpc is not None
+    return f"127.0.0.1:{app.grpc.port}"
+
+
+def http_base(app: App) -> str:
+    assert app.http is not None
+    return f"http://127.0.0.1:{app.http.port}"
+
+
+def write_tiny_checkpoint(
+    path: Path, n_layer: int = 2, n_embd: int = 128, dtype: torch.dtype = torch.bfloat16, seed: int = 1234, **kw: Any
+) -> Path:
+    """A random-weight RWKV-7 checkpoint in the official format (World vocabulary)."""
+    tensors = generate_state_dict(model_shape(n_layer, n_embd), seed=seed, dtype=dtype, **kw)
+    return write_checkpoint(tensors, path)
