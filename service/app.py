@@ -32,12 +32,17 @@ class App:
     async def start(self) -> None:
         cfg = self.config
         self.engine = await asyncio.to_thread(build_engine, cfg.engine)  # loading can take a while
-        services = Services(engine=self.engine, completions=Completions(self.engine))
-        self.grpc = GrpcServer(cfg, services)
-        await self.grpc.start()
-        if cfg.http_port >= 0:
-            self.http = HttpServer(create_app(self.engine, self.readiness), cfg.host, cfg.http_port, cfg.grace_seconds)
-            await self.http.start()
+        try:
+            services = Services(engine=self.engine, completions=Completions(self.engine))
+            self.grpc = GrpcServer(cfg, services)
+            await self.grpc.start()
+            if cfg.http_port >= 0:
+                app = create_app(self.engine, self.readiness)
+                self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds)
+                await self.http.start()
+        except BaseException:  # a port in use, say: stop what started, then report
+            await self._stop_all(grace=0)
+            raise
         self.readiness.ready = True
         log.info("rwkvd ready: gRPC :%d, HTTP %s", self.grpc.port, f":{self.http.port}" if self.http else "off")
 
@@ -48,15 +53,18 @@ class App:
             await self.grpc.set_ready(False)
         await asyncio.sleep(self.config.drain_seconds)
         log.info("stopping servers; in-flight calls have %.1fs", self.config.grace_seconds)
+        await self._stop_all(self.config.grace_seconds)
+        log.info("stopped")
+
+    async def _stop_all(self, grace: float) -> None:
         stops = []
         if self.grpc is not None:
-            stops.append(self.grpc.stop(self.config.grace_seconds))
+            stops.append(self.grpc.stop(grace))
         if self.http is not None:
             stops.append(self.http.stop())
         await asyncio.gather(*stops)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
-        log.info("stopped")
 
     async def run(self) -> None:
         """Starts, serves until SIGTERM or SIGINT, then shuts down in order."""

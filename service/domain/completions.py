@@ -22,7 +22,7 @@ from service.engine.protocol import (
     TokenLogprob,
     Usage,
 )
-from service.errors import InternalError, InvalidArgument
+from service.errors import DeadlineExceeded, InternalError, InvalidArgument
 
 from .models import resolve_model
 from .prompts import fim_prompt
@@ -82,9 +82,15 @@ class Completions:
         )
 
     async def stream(self, prepared: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Engine events of a prepared completion; closing the iterator early aborts it."""
+        """Engine events of a prepared completion; closing the iterator early aborts it.
+
+        A generation ended by the request's deadline raises DeadlineExceeded instead of finishing: the
+        client's deadline has passed, and that is what it must be told, whichever side noticed first.
+        """
         async with aclosing(self._engine.generate(prepared)) as events:
             async for event in events:
+                if isinstance(event, Finished) and event.reason is FinishReason.DEADLINE:
+                    raise _deadline_passed(event)
                 yield event
 
     async def complete(self, prepared: GenerationRequest) -> CompletionResult:
@@ -98,6 +104,8 @@ class Completions:
                     tokens.extend(event.token_ids)
                     logprobs.extend(event.logprobs)
                 elif isinstance(event, Finished):
+                    if event.reason is FinishReason.DEADLINE:
+                        raise _deadline_passed(event)
                     if event.reason is FinishReason.ERROR:
                         raise InternalError(event.error or "generation failed", reason="GENERATION_FAILED")
                     return CompletionResult(
@@ -112,3 +120,9 @@ class Completions:
                         logprobs=tuple(logprobs),
                     )
         raise InternalError("the engine ended a request without a result", reason="NO_RESULT")
+
+
+def _deadline_passed(event: Finished) -> DeadlineExceeded:
+    return DeadlineExceeded(
+        f"the deadline passed after {event.usage.completion_tokens} generated tokens", reason="DEADLINE_EXCEEDED"
+    )

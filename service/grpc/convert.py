@@ -23,9 +23,6 @@ FINISH_REASONS = {
 }
 
 
-# ---- requests -----------------------------------------------------------------------------------
-
-
 def sampling_overrides(pb: common_pb2.SamplingParams) -> SamplingOverrides:
     """The fields the client set (proto3 optional scalars and non-empty lists); the rest stay None."""
     given: dict[str, Any] = {fd.name: tuple(v) if fd.is_repeated else v for fd, v in pb.ListFields()}
@@ -55,9 +52,6 @@ def completion_request(
         sampling=sampling_overrides(pb.sampling),
         deadline=deadline,
     )
-
-
-# ---- responses ----------------------------------------------------------------------------------
 
 
 def usage(u: Usage) -> common_pb2.Usage:

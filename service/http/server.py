@@ -51,3 +51,4 @@ class HttpServer:
         self._server.should_exit = True
         if self._task is not None:
             await self._task
+        self._sock.close()

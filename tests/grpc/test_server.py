@@ -1,0 +1,185 @@
+"""The gRPC server on loopback: health, reflection, ModelService, auth, error details, placeholders."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from google.rpc import error_details_pb2, status_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from rwkvd.v1 import (
+    chat_pb2,
+    chat_pb2_grpc,
+    common_pb2,
+    completions_pb2,
+    completions_pb2_grpc,
+    models_pb2,
+    models_pb2_grpc,
+    predictions_pb2,
+    predictions_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+)
+
+from service.grpc.server import READINESS
+from tests.support import grpc_target, running_app
+
+PUBLIC_SERVICES = {
+    "rwkvd.v1.ModelService",
+    "rwkvd.v1.CompletionService",
+    "rwkvd.v1.TaskService",
+    "rwkvd.v1.PredictionService",
+    "rwkvd.v1.ChatService",
+}
+
+
+def details_of(err: grpc.aio.AioRpcError) -> tuple[status_pb2.Status, dict[str, object]]:
+    """The google.rpc.Status in the trailers, and its details unpacked by type name."""
+    raw = dict(err.trailing_metadata() or ())["grpc-status-details-bin"]
+    assert isinstance(raw, bytes)
+    status = status_pb2.Status.FromString(raw)
+    unpacked: dict[str, object] = {}
+    for any_ in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.ResourceInfo):
+            if any_.Is(cls.DESCRIPTOR):
+                msg = cls()
+                any_.Unpack(msg)
+                unpacked[cls.DESCRIPTOR.name] = msg
+    return status, unpacked
+
+
+async def test_health_reflection_and_models() -> None:
+    async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        serving = health_pb2.HealthCheckResponse.SERVING
+        for name in ("", READINESS, "rwkvd.v1.ModelService", "rwkvd.v1.CompletionService"):
+            assert (await health.Check(health_pb2.HealthCheckRequest(service=name))).status == serving, name
+        # Services whose behaviour is not built yet say so.
+        tasks = await health.Check(health_pb2.HealthCheckRequest(service="rwkvd.v1.TaskService"))
+        assert tasks.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        listed: set[str] = set()
+        async for reply in stub.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")])):
+            listed |= {s.name for s in reply.list_services_response.service}
+        assert PUBLIC_SERVICES | {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+
+        models = models_pb2_grpc.ModelServiceStub(channel)
+        listing = await models.ListModels(models_pb2.ListModelsRequest())
+        assert [m.id for m in listing.models] == ["local/rwkv7-demo"]
+        demo = listing.models[0]
+        assert (demo.demo, demo.architecture, demo.backend, demo.device) == (True, "rwkv7", "torch", "cpu")
+        assert len(demo.version) == 64  # sha256 hex of the weights
+        int(demo.version, 16)
+        assert (demo.shape.n_layer, demo.shape.n_embd, demo.shape.vocab_size) == (2, 128, 65536)
+        assert demo.parameter_count > 1_000_000
+        by_version = await models.GetModel(models_pb2.GetModelRequest(id=demo.version))
+        assert by_version.model.id == demo.id
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await models.GetModel(models_pb2.GetModelRequest(id="someone/else"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        _, found = details_of(missing.value)
+        assert found["ErrorInfo"].reason == "MODEL_NOT_FOUND"  # type: ignore[attr-defined]
+        assert found["ResourceInfo"].resource_name == "someone/else"  # type: ignore[attr-defined]
+
+
+async def test_bad_input_names_the_field_and_other_calls_go_on() -> None:
+    async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
+        stub = completions_pb2_grpc.CompletionServiceStub(channel)
+        bad = completions_pb2.CreateCompletionRequest(
+            prompt=common_pb2.Prompt(text="hi"), sampling=common_pb2.SamplingParams(temperature=7.5, top_p=0.0)
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await stub.CreateCompletion(bad)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        status, found = details_of(err.value)
+        fields = {v.field for v in found["BadRequest"].field_violations}  # type: ignore[attr-defined]
+        assert fields == {"sampling.temperature", "sampling.top_p"}
+        assert status.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+
+        with pytest.raises(grpc.aio.AioRpcError) as missing:
+            await stub.CreateCompletion(completions_pb2.CreateCompletionRequest())
+        _, found = details_of(missing.value)
+        assert [v.field for v in found["BadRequest"].field_violations] == ["prompt"]  # type: ignore[attr-defined]
+
+        good = completions_pb2.CreateCompletionRequest(
+            prompt=common_pb2.Prompt(text="hi"), sampling=common_pb2.SamplingParams(max_tokens=4, ignore_eos=True)
+        )
+        reply = await stub.CreateCompletion(good)
+        assert reply.usage.completion_tokens == 4
+        assert reply.finish_reason == common_pb2.FINISH_REASON_LENGTH
+
+
+@pytest.mark.parametrize(
+    ("call", "method"),
+    [
+        (lambda ch: tasks_pb2_grpc.TaskServiceStub(ch).GetTask(tasks_pb2.GetTaskRequest(task_id="x")), "GetTask"),
+        (
+            lambda ch: predictions_pb2_grpc.PredictionServiceStub(ch).GetPrediction(
+                predictions_pb2.GetPredictionRequest(id="x")
+            ),
+            "GetPrediction",
+        ),
+        (
+            lambda ch: chat_pb2_grpc.ChatServiceStub(ch).Complete(chat_pb2.CompleteRequest()),
+            "Complete",
+        ),
+    ],
+)
+async def test_unbuilt_services_answer_unimplemented_naming_the_rpc(call: object, method: str) -> None:
+    async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call(channel)  # type: ignore[operator]
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert f"/{method} is not implemented" in (err.value.details() or "")
+        _, found = details_of(err.value)
+        assert found["ErrorInfo"].reason == "NOT_IMPLEMENTED"  # type: ignore[attr-defined]
+
+
+async def test_unbuilt_streaming_rpc_answers_unimplemented() -> None:
+    async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
+        call = tasks_pb2_grpc.TaskServiceStub(channel).SubscribeTask(tasks_pb2.SubscribeTaskRequest(task_id="x"))
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            async for _ in call:
+                pass
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED
+
+
+async def test_auth_guards_everything_but_health_and_reflection() -> None:
+    async with running_app(api_keys=("key-one", "key-two")) as app:
+        target = grpc_target(app)
+        request = models_pb2.ListModelsRequest()
+        async with grpc.aio.insecure_channel(target) as channel:
+            stub = models_pb2_grpc.ModelServiceStub(channel)
+            for metadata in ((), (("authorization", "Bearer wrong"),), (("authorization", "Basic key-one"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.ListModels(request, metadata=metadata)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, metadata
+            # streaming RPCs are guarded too
+            stream = completions_pb2_grpc.CompletionServiceStub(channel).CreateCompletionStream(
+                completions_pb2.CreateCompletionStreamRequest(prompt=common_pb2.Prompt(text="x"))
+            )
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                async for _ in stream:
+                    pass
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            for key in ("key-one", "key-two"):
+                ok = await stub.ListModels(request, metadata=(("authorization", f"Bearer {key}"),))
+                assert ok.models[0].id == "local/rwkv7-demo"
+            health = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=""))
+            assert health.status == health_pb2.HealthCheckResponse.SERVING
+            listed = [
+                reply
+                async for reply in reflection_pb2_grpc.ServerReflectionStub(channel).ServerReflectionInfo(
+                    iter([reflection_pb2.ServerReflectionRequest(list_services="")])
+                )
+            ]
+            assert listed[0].list_services_response.service
+
+
+async def test_second_server_on_the_same_port_fails_to_bind() -> None:
+    async with running_app() as app:
+        assert app.grpc is not None
+        with pytest.raises(RuntimeError):
+            async with running_app(grpc_port=app.grpc.port):
+                pass
