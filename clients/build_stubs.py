@@ -34,29 +34,37 @@ def _protoc(args: list[str]) -> None:
         raise RuntimeError(f"protoc failed ({code}): {' '.join(args)}")
 
 
+def _plugin(directory: Path, name: str, entry: str) -> str:
+    """A protoc plugin launcher running mypy-protobuf's `entry` with this interpreter.
+
+    The console scripts of mypy-protobuf are not next to sys.executable inside pip's isolated build
+    environment (they are on its PYTHONPATH only), so protoc gets launchers that import them.
+    """
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\nimport sys\nfrom mypy_protobuf.main import {entry}\nsys.exit({entry}())\n")
+    path.chmod(0o755)
+    return f"--plugin={name}={path}"
+
+
 def generate(out_root: Path, root: Path | None = None) -> list[Path]:
     """Writes rwkvd/v1/*_pb2.py, *_pb2_grpc.py and their .pyi under out_root; returns the files."""
     root = root or proto_root()
     protos = sorted(str(p.relative_to(root)) for p in (root / "rwkvd" / "v1").glob("*.proto"))
     out_root.mkdir(parents=True, exist_ok=True)
-    # The plugins ship as console scripts next to the interpreter; name them so PATH does not matter.
-    bindir = Path(sys.executable).parent
-    plugins = [
-        f"--plugin=protoc-gen-mypy={bindir / 'protoc-gen-mypy'}",
-        f"--plugin=protoc-gen-mypy_grpc={bindir / 'protoc-gen-mypy_grpc'}",
-    ]
-    _protoc(
-        [
-            f"-I{root}",
-            f"-I{root / 'third_party'}",
-            *plugins,
-            f"--python_out={out_root}",
-            f"--grpc_python_out={out_root}",
-            f"--mypy_out=quiet:{out_root}",
-            f"--mypy_grpc_out=quiet:{out_root}",
-            *protos,
-        ]
-    )
+    with tempfile.TemporaryDirectory() as plugin_dir:
+        _protoc(
+            [
+                f"-I{root}",
+                f"-I{root / 'third_party'}",
+                _plugin(Path(plugin_dir), "protoc-gen-mypy", "main"),
+                _plugin(Path(plugin_dir), "protoc-gen-mypy_grpc", "grpc"),
+                f"--python_out={out_root}",
+                f"--grpc_python_out={out_root}",
+                f"--mypy_out=quiet:{out_root}",
+                f"--mypy_grpc_out=quiet:{out_root}",
+                *protos,
+            ]
+        )
     out_dir = out_root / "rwkvd" / "v1"
     return sorted(p for p in out_dir.iterdir() if p.name.endswith((".py", ".pyi")) and "_pb2" in p.name)
 
