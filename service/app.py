@@ -31,7 +31,9 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
-        self.engine = await asyncio.to_thread(build_engine, cfg.engine)  # loading can take a while
+        # In a worker thread: loading takes a while, and torch must not run parallel ops on the main thread
+        # (with libgomp that makes every parallel region of the engine thread ~15x more expensive).
+        self.engine = await asyncio.to_thread(build_engine, cfg.engine)
         try:
             services = Services(engine=self.engine, completions=Completions(self.engine))
             self.grpc = GrpcServer(cfg, services)

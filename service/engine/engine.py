@@ -45,22 +45,19 @@ class Engine:
         self._live: set[str] = set()  # request ids not yet finished (guarded by _cv)
         self._stopping = False
         self._finished_seqs: list[Sequence] = []  # finished this iteration, events not yet delivered
-        self._thread = threading.Thread(target=self._run, name="rwkvd-engine", daemon=True)
+        self._exited = threading.Event()
         self.steps = 0
         # Cumulative seconds per phase of the step loop (read by benchmarks and metrics).
         self._clock = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "postprocess": 0.0, "deliver": 0.0}
 
     # Methods up to _validate may be called from any thread; those after it run in the engine thread.
 
-    def start(self) -> None:
-        self._thread.start()
-
     def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancels whatever still runs, then stops the thread."""
+        """Cancels whatever still runs, then waits for the loop to exit."""
         with self._cv:
             self._stopping = True
             self._cv.notify()
-        self._thread.join(timeout)
+        self._exited.wait(timeout)
 
     @property
     def model_version(self) -> str:
@@ -159,7 +156,14 @@ class Engine:
         ):
             raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
 
-    def _run(self) -> None:
+    def run(self) -> None:
+        """The step loop, in the engine thread, until shutdown()."""
+        try:
+            self._loop()
+        finally:
+            self._exited.set()
+
+    def _loop(self) -> None:
         while True:
             with self._cv:
                 while not self._commands and self._scheduler.idle and not self._stopping:
