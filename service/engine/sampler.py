@@ -21,6 +21,8 @@ import torch
 from .protocol import SamplingParams
 
 _MASK64 = (1 << 64) - 1
+# Top-p/top-k rows first look at this many most likely tokens (a partial sort); most nuclei fit.
+CANDIDATES = 1024
 
 
 def _mix64(x: int) -> int:
@@ -111,25 +113,51 @@ class Sampler:
         return Sampled(chosen, self._logprobs(logits, rows, tokens))
 
     def _draw(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-        """Inverse-CDF sampling of [D, V] logits with temperature, top-k and top-p."""
+        """Inverse-CDF sampling of [D, V] logits with temperature, and top-k/top-p when every row truncates.
+
+        Plain rows draw in vocabulary order. Truncating rows draw in descending-probability order, from
+        the top CANDIDATES tokens when the kept set lies within them (the usual case for a trained
+        model: exact, and no sort of the whole vocabulary), else from a full sort. Either way a row's
+        token depends on its own logits and parameters only.
+        """
         V = logits.shape[1]
         scaled = logits / self._tensor([r.params.temperature for r in rows], torch.float32).unsqueeze(1)
-        truncate = any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in rows)
-        order: torch.Tensor | None = None
-        if truncate:
-            scaled, order = scaled.sort(dim=-1, descending=True)
-            probs = torch.softmax(scaled, dim=-1)
-            top_p = self._tensor([r.params.top_p for r in rows], torch.float32).unsqueeze(1)
-            top_k = self._tensor([r.params.top_k if r.params.top_k > 0 else V for r in rows], torch.long)
+        if not any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in rows):
+            return self._pick(torch.softmax(scaled, dim=-1), None, rows)
+        k = min(V, CANDIDATES)
+        top_p = [r.params.top_p for r in rows]
+        top_k = [r.params.top_k if r.params.top_k > 0 else V for r in rows]
+        values, order = scaled.topk(k, dim=-1)  # [D, k], descending
+        probs = torch.exp(values - torch.logsumexp(scaled, dim=-1, keepdim=True))
+        mass = probs.sum(dim=-1).tolist()
+        fits = [top_k[i] <= k or mass[i] >= top_p[i] for i in range(len(rows))]
+        tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
+        for group, wide in (
+            ([i for i, f in enumerate(fits) if f], False),
+            ([i for i, f in enumerate(fits) if not f], True),
+        ):
+            if not group:
+                continue
+            g = self._tensor(group, torch.long)
+            if wide:
+                sorted_logits, group_order = scaled.index_select(0, g).sort(dim=-1, descending=True)
+                group_probs = torch.softmax(sorted_logits, dim=-1)
+            else:
+                group_order, group_probs = order.index_select(0, g), probs.index_select(0, g)
+            n = group_probs.shape[1]
+            gp = self._tensor([top_p[i] for i in group], torch.float32).unsqueeze(1)
+            gk = self._tensor([top_k[i] for i in group], torch.long).unsqueeze(1)
             # Keep a token while the mass before it is under top_p (so the first always stays), and top_k.
-            keep = (probs.cumsum(dim=-1) - probs) < top_p
-            keep &= torch.arange(V, device=self.device).unsqueeze(0) < top_k.unsqueeze(1)
-            probs = probs * keep
-        else:
-            probs = torch.softmax(scaled, dim=-1)
+            keep = (group_probs.cumsum(dim=-1) - group_probs) < gp
+            keep &= torch.arange(n, device=self.device).unsqueeze(0) < gk
+            tokens[g] = self._pick(group_probs * keep, group_order, [rows[i] for i in group])
+        return tokens
+
+    def _pick(self, probs: torch.Tensor, order: torch.Tensor | None, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """Inverse CDF: the token where the row's uniform number falls in its cumulative distribution."""
         cdf = probs.cumsum(dim=-1)
         u = self._tensor([uniform(r.seed, r.position) for r in rows], torch.float32) * cdf[:, -1]
-        pos = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=V - 1)  # [D, 1]
+        pos = torch.searchsorted(cdf, u.unsqueeze(1), right=True).clamp_(max=probs.shape[1] - 1)  # [D, 1]
         return (order.gather(1, pos) if order is not None else pos).squeeze(1)
 
     def _update_penalties(self, rows: Sequence[SampleRow], penalised: list[int], chosen: list[int]) -> None:

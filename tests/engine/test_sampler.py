@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from service.engine.protocol import SamplingParams
-from service.engine.sampler import Sampler, SampleRow, uniform
+from service.engine.sampler import CANDIDATES, Sampler, SampleRow, uniform
 
 V = 64
 CPU = torch.device("cpu")
@@ -250,3 +250,40 @@ def test_no_logprobs_unless_asked(sampler: Sampler) -> None:
     assert out.logprobs[0] is None
     assert out.logprobs[1] is not None
     assert math.isfinite(out.logprobs[1][0])
+
+
+def full_sort_choice(
+    logits: torch.Tensor, seed: int, position: int, temperature: float, top_p: float, top_k: int
+) -> int:
+    """The truncated inverse-CDF draw computed over a full sort of the vocabulary: the specification."""
+    values, order = (logits / temperature).sort(descending=True)
+    probs = torch.softmax(values, dim=-1)
+    keep = (probs.cumsum(-1) - probs) < top_p
+    if top_k > 0:
+        keep &= torch.arange(len(probs)) < top_k
+    cdf = (probs * keep).cumsum(-1)
+    pos = int(torch.searchsorted(cdf, torch.tensor([uniform(seed, position) * float(cdf[-1])]), right=True))
+    return int(order[min(pos, len(probs) - 1)])
+
+
+@pytest.mark.parametrize(
+    ("scale", "top_p", "top_k"),
+    [
+        (8.0, 0.9, 0),  # peaked: the nucleus fits the top candidates (partial sort)
+        (8.0, 1.0, 40),  # top-k within the candidates
+        (0.5, 0.9, 0),  # flat: the nucleus is wider than the candidates (full sort)
+        (0.5, 0.95, 3000),  # top-k wider than the candidates, nucleus too
+    ],
+)
+def test_truncated_draw_matches_a_full_sort(scale: float, top_p: float, top_k: int) -> None:
+    vocab = 4 * CANDIDATES
+    wide = Sampler(8, vocab, CPU)
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(3)) * scale
+    mass_in_candidates = torch.softmax(logits, -1).topk(CANDIDATES).values.sum(-1)
+    partial = 0 < top_k <= CANDIDATES or bool((mass_in_candidates >= top_p).all())
+    assert partial == (scale > 1), "each case must exercise the path it names"
+    for position in range(20):
+        specs = [row(slot=i, seed=100 + i, position=position, top_p=top_p, top_k=top_k) for i in range(6)]
+        got = wide.sample(logits, specs).tokens
+        want = [full_sort_choice(logits[i], 100 + i, position, 1.0, top_p, top_k) for i in range(6)]
+        assert got == want
