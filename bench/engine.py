@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import platform
@@ -60,9 +61,11 @@ def git_commit() -> str:
         return "unknown"
 
 
-async def decode_rate(client: LocalEngineClient, batch: int, warmup: int, tokens: int) -> dict[str, Any]:
+async def decode_rate(
+    client: LocalEngineClient, batch: int, warmup: int, tokens: int, sampling: SamplingParams
+) -> dict[str, Any]:
     prompt = tuple(client.tokenizer.encode("The quick brown fox jumps over the lazy dog. " * 2))
-    params = SamplingParams(max_tokens=warmup + tokens, ignore_eos=True, temperature=1.0, top_p=0.9, seed=1)
+    params = dataclasses.replace(sampling, max_tokens=warmup + tokens, ignore_eos=True, seed=1)
     reached: list[float] = []
     ended: list[float] = []
 
@@ -110,11 +113,14 @@ async def main() -> None:
     ap.add_argument("--warmup-tokens", type=int, default=4)
     ap.add_argument("--prefill-repeats", type=int, default=2)
     ap.add_argument("--prefill-chunk", type=int, default=1024)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (no sampling cost)")
+    ap.add_argument("--top-p", type=float, default=0.9)
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     batches = [int(b) for b in args.batch.split(",") if b]
+    sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p)
     lengths = [int(n) for n in args.prompt_lens.split(",") if n]
     shape = model_shape(2, 128) if args.size == "tiny" else released_shape(args.size)
     device = resolve_device(args.device)
@@ -140,7 +146,7 @@ async def main() -> None:
     try:
         decode = []
         for b in batches:
-            decode.append(await decode_rate(client, b, args.warmup_tokens, args.decode_tokens))
+            decode.append(await decode_rate(client, b, args.warmup_tokens, args.decode_tokens, sampling))
             print(f"decode  batch {b:5d}: {decode[-1]['tokens_per_second']:10.1f} tok/s  {decode[-1]}", flush=True)
         prefill = []
         for n in lengths:
@@ -166,14 +172,18 @@ async def main() -> None:
             "threads": torch.get_num_threads(),
             "decode_tokens": args.decode_tokens,
             "warmup_tokens": args.warmup_tokens,
-            "sampling": "temperature 1, top_p 0.9 (sort path), seeded",
+            "sampling": "greedy" if args.temperature == 0 else f"temperature {args.temperature}, top_p {args.top_p}",
+            # Random weights give flat distributions: a top-p nucleus never fits the 1024 candidates,
+            # so sampled runs always pay the full-vocabulary sort (trained models usually do not).
+            "sampling_note": "random weights: top-p takes the full-sort path",
             "prefill_chunk": args.prefill_chunk,
             "weights": "random (generated), same cost as real ones",
         },
         "decode": decode,
         "prefill": prefill,
     }
-    out = args.out or RESULTS / f"engine-{args.size}-{device.type}-{now:%Y%m%d-%H%M%S}.json"
+    mode = "greedy" if args.temperature == 0 else "sampled"
+    out = args.out or RESULTS / f"engine-{args.size}-{device.type}-{mode}-{now:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"wrote {out}")
