@@ -12,7 +12,8 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -67,6 +68,46 @@ def coalesce(events: list[TokenEvent]) -> list[TokenEvent]:
     return out
 
 
+class EventStream:
+    """One request's events, merged per read; aborts the request if closed or dropped before the end."""
+
+    def __init__(self, engine: Engine, sink: _QueueSink, request_id: str) -> None:
+        self._engine = engine
+        self._sink = sink
+        self._request_id = request_id
+        self._ready: deque[TokenEvent] = deque()
+        self._finished = False
+
+    def __aiter__(self) -> EventStream:
+        return self
+
+    async def __anext__(self) -> TokenEvent:
+        if not self._ready:
+            if self._finished:
+                raise StopAsyncIteration
+            batch = await self._sink.queue.get()
+            while not self._sink.queue.empty():
+                batch.extend(self._sink.queue.get_nowait())
+            self._ready.extend(coalesce(batch))
+        event = self._ready.popleft()
+        if isinstance(event, Finished):
+            self._finished = True
+        return event
+
+    async def aclose(self) -> None:
+        self._abandon()
+
+    def _abandon(self) -> None:
+        if not self._finished:
+            self._finished = True
+            self._ready.clear()
+            self._engine.abort(self._request_id)
+
+    def __del__(self) -> None:
+        # A consumer cancelled mid-iteration (a client that went away) drops its stream: free the slot.
+        self._abandon()
+
+
 class LocalEngineClient:
     def __init__(self, engine: Engine, tokenizer: WorldTokenizer, model: ModelInfo, runner: Runner) -> None:
         self._engine = engine
@@ -82,21 +123,10 @@ class LocalEngineClient:
     def tokenizer(self) -> WorldTokenizer:
         return self._tokenizer
 
-    async def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
+    def generate(self, request: GenerationRequest) -> EventStream:
         sink = _QueueSink(asyncio.get_running_loop())
-        self._engine.submit(request, sink)
-        finished = False
-        try:
-            while not finished:
-                batch = await sink.queue.get()
-                while not sink.queue.empty():
-                    batch.extend(sink.queue.get_nowait())
-                for event in coalesce(batch):
-                    finished = isinstance(event, Finished)
-                    yield event
-        finally:
-            if not finished:
-                self._engine.abort(request.request_id)
+        self._engine.submit(request, sink)  # raises here, before the caller has started anything
+        return EventStream(self._engine, sink, request.request_id)
 
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)

@@ -7,7 +7,7 @@ edge. The domain depends on `EngineClient`, never on the concrete engine. No tor
 from __future__ import annotations
 
 import enum
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -177,6 +177,16 @@ class Finished:
 TokenEvent = Started | Delta | Finished
 
 
+class TokenStream(Protocol):
+    """The events of one request: an async iterator with aclose() (which aborts an unfinished request)."""
+
+    def __aiter__(self) -> TokenStream: ...
+
+    async def __anext__(self) -> TokenEvent: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Tokenizer(Protocol):
     @property
     def vocab_size(self) -> int: ...
@@ -232,8 +242,9 @@ class EngineClient(Protocol):
     @property
     def tokenizer(self) -> Tokenizer: ...
 
-    def generate(self, request: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
-        """Runs a request; events end with one Finished. Closing the iterator early aborts the request."""
+    def generate(self, request: GenerationRequest) -> TokenStream:
+        """Submits a request at once (raising if it is invalid or the engine is full) and returns its events,
+        which end with one Finished. Closing the stream early, or dropping it, aborts the request."""
         ...
 
     async def abort(self, request_id: str) -> None:
