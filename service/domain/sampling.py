@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Any
 
 from service.engine.protocol import SamplingParams
 
@@ -21,6 +22,7 @@ class SamplingOverrides:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     penalty_decay: float | None = None
+    multiplicative_repetition_penalty: float | None = None
     seed: int | None = None
     stop: tuple[str, ...] | None = None
     stop_token_ids: tuple[int, ...] | None = None
@@ -38,6 +40,15 @@ class SamplingOverrides:
     def over(self, base: SamplingOverrides) -> SamplingOverrides:
         """These overrides on top of earlier ones (fork/continue on a task's stored parameters)."""
         return dataclasses.replace(base, **self.given())  # type: ignore[arg-type]
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in self.given().items()}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> SamplingOverrides:
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items() if k in known}
+        return cls(**values)
 
 
 # gRPC CompletionService and OpenAI /v1/completions: neutral sampling, a modest budget.

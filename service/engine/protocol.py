@@ -34,12 +34,15 @@ class SamplingParams:
     max_tokens: int = 256
     min_tokens: int = 0
     temperature: float = 1.0
-    top_p: float = 1.0
+    top_p: float = 1.0  # nucleus mass; 0 keeps only the most likely token
     top_k: int = 0  # 0 or -1: no limit
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 0.0
     penalty_decay: float = 1.0
+    # Hugging Face style (Replicate inputs): generated tokens' logits divided by it when positive,
+    # multiplied when negative; 1 = off.
+    multiplicative_repetition_penalty: float = 1.0
     seed: int | None = None  # None: the engine picks one and reports it
     stop: tuple[str, ...] = ()
     stop_token_ids: tuple[int, ...] = ()
@@ -49,7 +52,13 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty)
+        """Whether the sampler must track this row's generated tokens."""
+        return bool(
+            self.presence_penalty
+            or self.frequency_penalty
+            or self.repetition_penalty
+            or self.multiplicative_repetition_penalty != 1.0
+        )
 
     def violations(self, prefix: str, vocab_size: int, max_tokens_limit: int) -> list[FieldViolation]:
         """Every out-of-range field, named `<prefix>.<field>`."""
@@ -60,13 +69,23 @@ class SamplingParams:
                 bad.append(FieldViolation(f"{prefix}.{name}" if prefix else name, why))
 
         check(0 <= self.max_tokens <= max_tokens_limit, "max_tokens", f"must be in [0, {max_tokens_limit}]")
-        check(0 <= self.min_tokens <= self.max_tokens, "min_tokens", "must be in [0, max_tokens]")
+        max_ok = 0 <= self.max_tokens <= max_tokens_limit  # else min_tokens is not compared with it
+        check(
+            self.min_tokens >= 0 and (not max_ok or self.min_tokens <= self.max_tokens),
+            "min_tokens",
+            "must be in [0, max_tokens]",
+        )
         check(0.0 <= self.temperature <= 5.0, "temperature", "must be in [0, 5]")
-        check(0.0 < self.top_p <= 1.0, "top_p", "must be in (0, 1]")
+        check(0.0 <= self.top_p <= 1.0, "top_p", "must be in [0, 1]")
         check(-1 <= self.top_k <= vocab_size, "top_k", f"must be in [-1, {vocab_size}]")
         for name in ("presence_penalty", "frequency_penalty", "repetition_penalty"):
             check(-2.0 <= getattr(self, name) <= 10.0, name, "must be in [-2, 10]")
         check(0.0 <= self.penalty_decay <= 1.0, "penalty_decay", "must be in [0, 1]")
+        check(
+            0.0 < self.multiplicative_repetition_penalty <= 10.0,
+            "multiplicative_repetition_penalty",
+            "must be in (0, 10]",
+        )
         check(self.seed is None or 0 <= self.seed < 2**64, "seed", "must be in [0, 2^64)")
         check(len(self.stop) <= MAX_STOP_STRINGS, "stop", f"at most {MAX_STOP_STRINGS} stop strings")
         check(all(0 < len(s) <= MAX_STOP_LENGTH for s in self.stop), "stop", f"each 1..{MAX_STOP_LENGTH} characters")
@@ -90,6 +109,11 @@ class StateRef(Protocol):
 
     @property
     def nbytes(self) -> int: ...
+
+    @property
+    def generated_tokens(self) -> int:
+        """Tokens the request it was taken from had generated when it was taken."""
+        ...
 
 
 @dataclass(frozen=True)

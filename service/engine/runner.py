@@ -9,8 +9,6 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
-import torch
-
 from .backend import ModelBackend, StepBatch
 from .prefix_cache import PrefixCache
 from .sampler import Sampled, Sampler, SampleRow
@@ -120,17 +118,5 @@ class Runner:
             seed=seq.seed,
             position=seq.position,
             model_version=self.model_version,
-        )
-
-    def zero_snapshot(self, seed: int) -> StateSnapshot:
-        V = self.model.shape.vocab_size
-        return StateSnapshot(
-            rnn=self.pool.zero_state(),
-            pending_token=None,
-            token_count=0,
-            penalties=torch.zeros(V, device=self.device),
-            seen=torch.zeros(V, device=self.device, dtype=torch.bool),
-            seed=seed,
-            position=0,
-            model_version=self.model_version,
+            generated_tokens=len(seq.generated),
         )

@@ -4,7 +4,8 @@ Penalties are additive and decay (RWKV style). Per slot the sampler keeps an acc
 and a seen-mask [V]; after a token x is sampled: penalty *= penalty_decay, then penalty[x] +=
 frequency_penalty + (presence_penalty if x is new else repetition_penalty). With decay 1 and
 repetition 0 this is exactly OpenAI's presence/frequency penalty; with frequency 0 it is RWKV-Server's.
-Only generated tokens count.
+The multiplicative (Hugging Face) repetition penalty, for Replicate-style inputs, then scales the
+logits of seen tokens. Only generated tokens count.
 
 Randomness is one uniform number per row and token position, a hash of (seed, position): a row's
 choice does not depend on the other rows in the batch, so the same seed, state and parameters give
@@ -86,6 +87,14 @@ class Sampler:
             idx = self._tensor(penalised, torch.long)
             work = work.clone()
             work[idx] -= self.penalties.index_select(0, slots.index_select(0, idx))
+        scaled = [i for i, r in enumerate(rows) if r.params.multiplicative_repetition_penalty != 1.0]
+        if scaled:
+            idx = self._tensor(scaled, torch.long)
+            factor = self._tensor([rows[i].params.multiplicative_repetition_penalty for i in scaled], torch.float32)
+            sub_logits = work.index_select(0, idx)
+            seen = self.seen.index_select(0, slots.index_select(0, idx))
+            pushed = torch.where(sub_logits > 0, sub_logits / factor.unsqueeze(1), sub_logits * factor.unsqueeze(1))
+            work[idx] = torch.where(seen, pushed, sub_logits)
         bans = [(i, t) for i, r in enumerate(rows) for t in r.banned]
         if bans:
             work = work.clone() if work is logits else work
@@ -147,9 +156,10 @@ class Sampler:
             n = group_probs.shape[1]
             gp = self._tensor([top_p[i] for i in group], torch.float32).unsqueeze(1)
             gk = self._tensor([top_k[i] for i in group], torch.long).unsqueeze(1)
-            # Keep a token while the mass before it is under top_p (so the first always stays), and top_k.
+            # Keep a token while the mass before it is under top_p, and top_k; the most likely always stays.
             keep = (group_probs.cumsum(dim=-1) - group_probs) < gp
             keep &= torch.arange(n, device=self.device).unsqueeze(0) < gk
+            keep[:, 0] = True
             tokens[g] = self._pick(group_probs * keep, group_order, [rows[i] for i in group])
         return tokens
 

@@ -416,11 +416,14 @@ async def submit(engine: LocalEngineClient, req: GenerationRequest) -> None:
     [
         ({"temperature": -0.5}, ["sampling.temperature"]),
         ({"temperature": 5.5}, ["sampling.temperature"]),
-        ({"top_p": 0.0}, ["sampling.top_p"]),
+        ({"top_p": -0.1}, ["sampling.top_p"]),
+        ({"top_p": 1.5}, ["sampling.top_p"]),
         ({"top_k": -2}, ["sampling.top_k"]),
         ({"top_k": 65537}, ["sampling.top_k"]),
         ({"max_tokens": MAX_NEW + 1}, ["sampling.max_tokens"]),
-        ({"max_tokens": -1, "min_tokens": 0}, ["sampling.max_tokens", "sampling.min_tokens"]),
+        # An invalid max_tokens is not also blamed on a min_tokens the client did not get wrong.
+        ({"max_tokens": -1, "min_tokens": 0}, ["sampling.max_tokens"]),
+        ({"max_tokens": -1, "min_tokens": -2}, ["sampling.max_tokens", "sampling.min_tokens"]),
         ({"max_tokens": 4, "min_tokens": 5}, ["sampling.min_tokens"]),
         (
             {"presence_penalty": 11.0, "frequency_penalty": -3.0},

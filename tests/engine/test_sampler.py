@@ -287,3 +287,23 @@ def test_truncated_draw_matches_a_full_sort(scale: float, top_p: float, top_k: i
         got = wide.sample(logits, specs).tokens
         want = [full_sort_choice(logits[i], 100 + i, position, 1.0, top_p, top_k) for i in range(6)]
         assert got == want
+
+
+def test_multiplicative_repetition_penalty_scales_seen_tokens(sampler: Sampler) -> None:
+    # Token 0 has the highest logit; once generated, its logit 3.0 is divided by 4 -> 0.75 < 1.0 of token 1.
+    logits = logits_of([3.0, 1.0, -2.0] + [-9.0] * (V - 3))
+    spec = row(temperature=0.0, multiplicative_repetition_penalty=4.0)
+    assert one(sampler, logits, spec) == 0
+    assert one(sampler, logits, spec) == 1
+    # Negative logits are multiplied: a seen token with -2.0 would become -8.0 (checked via the penalty alone).
+    sampler.reset(0)
+    neg = logits_of([-2.0, -3.0, -5.0] + [-9.0] * (V - 3))
+    assert one(sampler, neg, spec) == 0
+    assert one(sampler, neg, spec) == 1  # -2.0 * 4 = -8.0 < -3.0
+    assert one(sampler, logits_of([3.0, 1.0] + [-9.0] * (V - 2)), row(temperature=0.0)) == 0  # off by default
+
+
+def test_top_p_zero_keeps_only_the_most_likely_token(sampler: Sampler) -> None:
+    logits = random_logits(1, seed=5, scale=0.3)
+    best = int(logits[0].argmax())
+    assert {one(sampler, logits, row(seed=s, top_p=0.0)) for s in range(20)} == {best}
