@@ -1,8 +1,9 @@
-"""The composition root: builds engine, domain and both servers, and owns startup and the ordered shutdown.
+"""The composition root: builds engine, store, domain and both servers; owns startup and the ordered shutdown.
 
 Shutdown on SIGTERM (Kubernetes): readiness goes NOT_SERVING on gRPC health and HTTP /health/ready
 while calls are still accepted; after drain_seconds both servers stop taking new calls and give
-in-flight ones grace_seconds; then the engine stops.
+in-flight ones grace_seconds; then the engine stops (cancelling what still runs), tasks and
+predictions record how they ended, pending webhooks get a moment, and the store closes.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ import signal
 
 from service.config import ServerConfig
 from service.domain.completions import Completions
+from service.domain.predictions import PredictionManager
+from service.domain.tasks import TaskLimits, TaskManager
+from service.domain.webhooks import WebhookDelivery
 from service.engine.local import LocalEngineClient, build_engine
 from service.grpc.server import GrpcServer, Services
+from service.http import replicate
 from service.http.app import Readiness, create_app
 from service.http.server import HttpServer
+from service.store.sqlite import Store
 
 log = logging.getLogger("rwkvd")
 
@@ -26,22 +32,40 @@ class App:
         self.config = config
         self.readiness = Readiness()
         self.engine: LocalEngineClient | None = None
+        self.store: Store | None = None
+        self.tasks: TaskManager | None = None
+        self.predictions: PredictionManager | None = None
+        self.webhooks: WebhookDelivery | None = None
         self.grpc: GrpcServer | None = None
         self.http: HttpServer | None = None
+        # Where clients reach the HTTP API (prediction URLs, webhooks): --public-url, else the listener.
+        self.base_url = config.public_url or ""
 
     async def start(self) -> None:
         cfg = self.config
-        # In a worker thread: loading takes a while, and torch must not run parallel ops on the main thread
-        # (with libgomp that makes every parallel region of the engine thread ~15x more expensive).
+        # Build in a worker thread: loading takes a while, and the engine thread does all torch work.
         self.engine = await asyncio.to_thread(build_engine, cfg.engine)
         try:
-            services = Services(engine=self.engine, completions=Completions(self.engine))
+            self.store = await Store.open(cfg.data_dir)
+            self.tasks = TaskManager(self.engine, self.store, TaskLimits(max_temporary=cfg.max_temporary_tasks))
+            await self.tasks.start()
+            self.webhooks = WebhookDelivery(lambda p: replicate.render_prediction(p, self.base_url))
+            self.predictions = PredictionManager(self.engine, self.store, notify=self.webhooks.notify)
+            services = Services(
+                engine=self.engine,
+                completions=Completions(self.engine),
+                tasks=self.tasks,
+                predictions=self.predictions,
+            )
             self.grpc = GrpcServer(cfg, services)
             await self.grpc.start()
             if cfg.http_port >= 0:
-                app = create_app(self.engine, self.readiness)
+                app = create_app(
+                    self.engine, self.readiness, self.tasks, self.predictions, cfg.public_url, cfg.api_keys
+                )
                 self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds)
                 await self.http.start()
+                self.base_url = cfg.public_url or f"http://{_reachable(cfg.host)}:{self.http.port}"
         except BaseException:  # a port in use, say: stop what started, then report
             await self._stop_all(grace=0)
             raise
@@ -67,6 +91,13 @@ class App:
         await asyncio.gather(*stops)
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        for domain in (self.tasks, self.predictions):
+            if domain is not None:
+                await domain.close()  # rounds and predictions cut by the engine stop are recorded
+        if self.webhooks is not None:
+            await self.webhooks.close()
+        if self.store is not None:
+            await self.store.close()
 
     async def run(self) -> None:
         """Starts, serves until SIGTERM or SIGINT, then shuts down in order."""
@@ -79,3 +110,8 @@ class App:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # a second signal now kills the process the default way
         await self.shutdown()
+
+
+def _reachable(host: str) -> str:
+    """A host name for URLs: a wildcard bind address is not one."""
+    return "localhost" if host in ("0.0.0.0", "::", "") else host

@@ -34,6 +34,10 @@ class ServerConfig:
     grpc_max_concurrent_rpcs: int = 10_000
     # Close connections after this long (balances long-lived HTTP/2 connections); 0 = never.
     grpc_max_connection_age_seconds: float = 0.0
+    # Temporary tasks kept in memory (least recently used beyond are dropped; their ids say so).
+    max_temporary_tasks: int = 256
+    # Base of the absolute URLs in prediction objects (urls.get/stream/cancel); None = the request's host.
+    public_url: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -50,6 +54,8 @@ class ServerConfig:
             problems.append("log_format must be text or json")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append("log_level must be debug, info, warning or error")
+        if self.max_temporary_tasks < 1:
+            problems.append("max_temporary_tasks must be at least 1")
         if any(not k for k in self.api_keys):
             problems.append("api keys must not be empty")
         if problems:
@@ -93,6 +99,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--max-prompt-tokens", "engine.max_prompt_tokens", int, "longest prompt accepted, in tokens"),
     _Option("--prefix-cache-entries", "engine.prefix_cache_entries", int, "prefix-state cache entries (0 = off)"),
     _Option("--threads", "engine.threads", _optional_int, "torch CPU threads"),
+    _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
+    _Option("--public-url", "public_url", _optional_str, "base URL clients reach this server at (prediction urls)"),
     _Option("--drain-seconds", "drain_seconds", float, "on SIGTERM: not-ready this long before stopping"),
     _Option("--grace-seconds", "grace_seconds", float, "on SIGTERM: time in-flight calls get to finish"),
     _Option("--log-level", "log_level", str, "debug, info, warning or error"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -16,22 +17,28 @@ from service.engine.generator import generate_state_dict, model_shape, write_che
 
 @asynccontextmanager
 async def running_app(**settings: Any) -> AsyncIterator[App]:
-    """App.start() on 127.0.0.1 with gRPC and HTTP on port 0 (demo model unless engine.model_path is set)."""
-    values: dict[str, Any] = {
-        "host": "127.0.0.1",
-        "grpc_port": 0,
-        "http_port": 0,
-        "drain_seconds": 0.0,
-        "grace_seconds": 5.0,
-        "engine.max_batch_size": 16,
-    }
-    values.update(settings)
-    app = App(build_config(values))
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.shutdown()
+    """App.start() on 127.0.0.1 with gRPC and HTTP on port 0 (demo model unless engine.model_path is set).
+
+    The data directory is a fresh temporary one unless data_dir is given (pass the same one to two apps
+    in turn to test what survives a restart).
+    """
+    with tempfile.TemporaryDirectory(prefix="rwkvd-test-") as scratch:
+        values: dict[str, Any] = {
+            "host": "127.0.0.1",
+            "grpc_port": 0,
+            "http_port": 0,
+            "drain_seconds": 0.0,
+            "grace_seconds": 5.0,
+            "data_dir": scratch,
+            "engine.max_batch_size": 16,
+        }
+        values.update(settings)
+        app = App(build_config(values))
+        await app.start()
+        try:
+            yield app
+        finally:
+            await app.shutdown()
 
 
 def grpc_target(app: App) -> str:

@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import time
+from pathlib import Path
 
 import grpc
 import httpx
@@ -37,7 +38,7 @@ async def wait_serving(health: health_pb2_grpc.HealthStub, name: str, within: fl
         await asyncio.sleep(0.2)
 
 
-async def test_sigterm_drains_an_in_flight_stream_then_exits() -> None:
+async def test_sigterm_drains_an_in_flight_stream_then_exits(tmp_path: Path) -> None:
     grpc_port, http_port = free_port(), free_port()
     max_tokens = 1500  # several seconds of decoding on the demo model: still running when SIGTERM lands
     proc = await asyncio.create_subprocess_exec(
@@ -50,6 +51,7 @@ async def test_sigterm_drains_an_in_flight_stream_then_exits() -> None:
         f"--http-port={http_port}",
         "--drain-seconds=1.0",
         "--grace-seconds=60",
+        f"--data-dir={tmp_path}",
         env={**os.environ, "RWKVD_THREADS": "1"},
         stderr=asyncio.subprocess.PIPE,
     )

@@ -1,4 +1,5 @@
-"""Quick start: list the models, complete a prompt, stream a completion and handle a typed error.
+"""Quick start: models, completions (whole and streamed), a task (wait, continue, fork), a prediction
+(run, stream) and typed errors.
 
     python clients/examples/quickstart.py localhost:50051 [API_KEY]
 
@@ -35,6 +36,18 @@ def run_sync(target: str, api_key: str | None) -> None:
         except rwkvd.InvalidArgument as err:
             print(f"rejected as expected: {[v.field for v in err.field_violations]} ({err.reason})")
 
+        # A task keeps its RNN state when it ends: continue it, or fork it into a new task.
+        task = client.create_task(PROMPT, max_tokens=16, temperature=0.0).wait()
+        print(f"task {task.task_id}: {task.result!r} [{task.finish_reason}]")
+        task.continue_(" In short,", max_tokens=8).wait()
+        fork = task.fork(persistent=False, max_tokens=8).wait()
+        print(f"fork of {fork.parent_task_id}: {fork.result!r}")
+        task.delete()
+
+        # Predictions, as RockAI's and Replicate's clients run them.
+        output = client.run(model=client.list_models()[0].id, input={"prompt": "Hello!", "max_tokens": 16})
+        print(f"prediction: {''.join(output)!r}")
+
 
 async def run_async(target: str, api_key: str | None) -> None:
     async with rwkvd.AsyncClient(target, api_key=api_key) as client:
@@ -52,6 +65,15 @@ async def run_async(target: str, api_key: str | None) -> None:
             await client.get_model("nobody/nothing")
         except rwkvd.NotFound as err:
             print(f"not found as expected: {err.resource}")
+
+        task = await client.create_task(PROMPT, max_tokens=16, temperature=0.0)
+        streamed = "".join([text async for text in task.stream()])
+        print(f"async task stream matches: {streamed == (await task.refresh()).result}")
+
+        print("async prediction: ", end="")
+        async for chunk in client.stream(models[0].id, input={"prompt": "Hello!", "max_tokens": 16}):
+            print(chunk, end="", flush=True)
+        print()
 
 
 def main(argv: list[str]) -> int:

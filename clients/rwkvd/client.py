@@ -1,4 +1,4 @@
-"""AsyncClient: the typed asyncio client of rwkvd, one method per supported call plus raw stubs for the rest.
+"""AsyncClient: the typed asyncio client of rwkvd: models, completions, tasks and predictions, plus raw stubs.
 
 Every failed call raises the typed exception of rwkvd.errors. Unary calls get the client's default
 deadline unless given `timeout=`; streams get none unless given one. (`timeout=` is the gRPC deadline,
@@ -8,7 +8,9 @@ ASYNC109 exemptions.)
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncGenerator, Awaitable, Callable, Mapping, Sequence
+from contextlib import aclosing
 from dataclasses import dataclass
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, Unpack
@@ -16,15 +18,26 @@ from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, Unpack
 import grpc
 
 from ._channel import ChannelSettings, open_channel
-from .errors import from_rpc_error
+from .errors import RwkvdError, from_rpc_error
 from .params import SamplingOptions, prompt_message, sampling_params
+from .predictions import (
+    WEBHOOK_EVENT_VALUES,
+    Prediction,
+    PredictionError,
+    PredictionPage,
+    WebhookEvent,
+    input_struct,
+)
+from .tasks import KIND_VALUES, AsyncTask, TaskKind
 from .v1 import (
     chat_pb2_grpc,
     completions_pb2,
     completions_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
+    predictions_pb2,
     predictions_pb2_grpc,
+    tasks_pb2,
     tasks_pb2_grpc,
 )
 
@@ -168,9 +181,9 @@ class AsyncClient:
         request = completions_pb2.CreateCompletionStreamRequest(
             model=model, prompt=prompt_message(prompt), sampling=sampling_params(**sampling), suffix=suffix
         )
-        return self.stream(lambda s: s.completions.CreateCompletionStream(request, timeout=timeout))
+        return self.call_stream(lambda s: s.completions.CreateCompletionStream(request, timeout=timeout))
 
-    async def stream(self, rpc: Callable[[Stubs], StreamingCall[T]]) -> AsyncGenerator[T, None]:
+    async def call_stream(self, rpc: Callable[[Stubs], StreamingCall[T]]) -> AsyncGenerator[T, None]:
         """Runs a streaming call on a raw stub with typed errors, cancelling it when the generator closes."""
         call = rpc(self.stubs)
         try:
@@ -180,3 +193,205 @@ class AsyncClient:
             raise from_rpc_error(err) from err
         finally:
             call.cancel()  # no-op once the call has ended
+
+    # Tasks (RWKV-Server's model): generations that keep their RNN state.
+
+    async def create_task(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        prefix: str | None = None,
+        suffix: str = "",
+        persistent: bool = False,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncTask:
+        """Starts a task and returns it at once (status "prefill" or later); wait() or stream() follow it.
+
+        prompt: text (read verbatim, no chat template) or token ids; or prefix and suffix for fill in
+        the middle (the model writes what goes between). persistent: a stored "TASK_" task that survives
+        restarts instead of a temporary "TMP_" one. The sampling keyword arguments are those of
+        SamplingOptions; absent ones take the task API's defaults (RWKV-Server's).
+        """
+        request = tasks_pb2.CreateTaskRequest(**_task_request(prompt, prefix, suffix, persistent, sampling))
+        response = await self.call(lambda s: s.tasks.CreateTask(request, timeout=timeout))
+        return AsyncTask(self, response.task)
+
+    def create_task_stream(
+        self,
+        prompt: str | Sequence[int] | None = None,
+        *,
+        prefix: str | None = None,
+        suffix: str = "",
+        persistent: bool = False,
+        timeout: float | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncGenerator[tasks_pb2.CreateTaskStreamResponse, None]:
+        """Like create_task(), streamed: `started` (with the task id), `delta`..., `finished`.
+
+        Leaving the stream early does not stop the task: it runs on, and get_task() finds it.
+        """
+        request = tasks_pb2.CreateTaskStreamRequest(**_task_request(prompt, prefix, suffix, persistent, sampling))
+        return self.call_stream(lambda s: s.tasks.CreateTaskStream(request, timeout=timeout))
+
+    async def get_task(self, task_id: str, *, timeout: float | None = None) -> AsyncTask:  # noqa: ASYNC109
+        """A task by id; NotFound with reason TASK_NOT_FOUND, or TASK_EVICTED for a temporary task dropped from
+        memory."""
+        request = tasks_pb2.GetTaskRequest(task_id=task_id)
+        response = await self.call(lambda s: s.tasks.GetTask(request, timeout=timeout))
+        return AsyncTask(self, response.task)
+
+    async def list_tasks(
+        self,
+        *,
+        kind: TaskKind | None = None,
+        page_size: int = 0,
+        page_token: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> tasks_pb2.ListTasksResponse:
+        """One page of the tasks in memory and in the store (ordered by id), with their counts.
+
+        page_size: at most this many (0 = the server's default, 100); page_token: a previous page's
+        next_page_token ("" on the last page).
+        """
+        request = tasks_pb2.ListTasksRequest(
+            kind=KIND_VALUES[kind] if kind else tasks_pb2.TASK_KIND_UNSPECIFIED,
+            page_size=page_size,
+            page_token=page_token,
+        )
+        return await self.call(lambda s: s.tasks.ListTasks(request, timeout=timeout))
+
+    # Predictions (Replicate / RockAI): run, stream, cancel, as RockAI's client names them.
+
+    async def run(
+        self,
+        version: str | None = None,
+        model: str | None = None,
+        *,
+        input: Mapping[str, Any],
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> list[str]:
+        """Runs a prediction to its end and returns its output, the list of text chunks ("".join() them).
+
+        version: a version id, "owner/name:version" or "owner/name"; or model: "owner/name". input: the
+        model's inputs in Replicate's LLM naming (prompt, system_prompt, max_tokens, temperature, top_p,
+        seed, stop_sequences, ...). Raises PredictionError if it fails or is canceled. timeout: a deadline
+        for the whole run (none by default, however long the generation); when it passes, or the caller
+        is cancelled, the prediction is cancelled.
+        """
+        output: list[str] = []
+        async with aclosing(self.stream(version, model, input=input, timeout=timeout)) as chunks:
+            async for chunk in chunks:
+                output.append(chunk)
+        return output
+
+    async def stream(
+        self,
+        version: str | None = None,
+        model: str | None = None,
+        *,
+        input: Mapping[str, Any],
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> AsyncGenerator[str, None]:
+        """Runs a prediction and yields its output text chunks as they are generated.
+
+        Arguments as for run(); raises PredictionError at the end if it failed or was canceled. The
+        prediction starts at the first iteration; leaving the loop early cancels it.
+        """
+        prediction = await self.create_prediction(version=version, model=model, input=input)
+        ended = False
+        try:
+            async with aclosing(self.prediction_events(prediction.id, timeout=timeout)) as events:
+                async for event in events:
+                    if event.HasField("output"):
+                        yield event.output
+                    elif event.HasField("done"):
+                        ended = True
+                        if event.done.status != predictions_pb2.PREDICTION_STATUS_SUCCEEDED:
+                            raise PredictionError(await self.get_prediction(prediction.id))
+        finally:
+            if not ended:  # the caller left (or the deadline passed): nobody will read the rest
+                with contextlib.suppress(RwkvdError, grpc.aio.UsageError):  # e.g. the channel is closed already
+                    await self.cancel(prediction.id)
+
+    run_async = run
+    stream_async = stream
+
+    async def cancel(self, id: str, *, timeout: float | None = None) -> Prediction:  # noqa: ASYNC109
+        """Cancels a prediction and returns it once settled; one that has ended is returned unchanged."""
+        request = predictions_pb2.CancelPredictionRequest(id=id)
+        response = await self.call(lambda s: s.predictions.CancelPrediction(request, timeout=timeout))
+        return Prediction.from_message(response.prediction)
+
+    async def create_prediction(
+        self,
+        version: str | None = None,
+        model: str | None = None,
+        *,
+        input: Mapping[str, Any],
+        webhook: str | None = None,
+        webhook_events_filter: Sequence[WebhookEvent] | None = None,
+        wait: int | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> Prediction:
+        """Starts a prediction and returns it at once (status "starting"), or, with wait (1..60 seconds), once it
+        has ended or that long has passed. webhook: a URL the server posts the prediction to on the
+        events of webhook_events_filter (all of them by default)."""
+        request = predictions_pb2.CreatePredictionRequest(
+            model=model or "",
+            version=version or "",
+            input=input_struct(input),
+            webhook=webhook or "",
+            webhook_events_filter=[WEBHOOK_EVENT_VALUES[e] for e in webhook_events_filter or ()],
+            wait_seconds=wait,
+        )
+        response = await self.call(lambda s: s.predictions.CreatePrediction(request, timeout=timeout))
+        return Prediction.from_message(response.prediction)
+
+    async def get_prediction(self, id: str, *, timeout: float | None = None) -> Prediction:  # noqa: ASYNC109
+        request = predictions_pb2.GetPredictionRequest(id=id)
+        response = await self.call(lambda s: s.predictions.GetPrediction(request, timeout=timeout))
+        return Prediction.from_message(response.prediction)
+
+    async def list_predictions(
+        self,
+        cursor: str | None = None,
+        *,
+        page_size: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109
+    ) -> PredictionPage:
+        """Predictions newest first, a page at a time: pass the page's next_cursor for the next one."""
+        request = predictions_pb2.ListPredictionsRequest(cursor=cursor or "", page_size=page_size)
+        response = await self.call(lambda s: s.predictions.ListPredictions(request, timeout=timeout))
+        return PredictionPage([Prediction.from_message(p) for p in response.predictions], response.next_cursor or None)
+
+    def prediction_events(
+        self, id: str, *, last_event_id: str = "", timeout: float | None = None
+    ) -> AsyncGenerator[predictions_pb2.StreamPredictionResponse, None]:
+        """A prediction's events (`output`, `logs`, `error`, `done`), during or after its run, each with an
+        event_id; pass the last one seen as last_event_id to resume after it."""
+        request = predictions_pb2.StreamPredictionRequest(id=id, last_event_id=last_event_id)
+        return self.call_stream(lambda s: s.predictions.StreamPrediction(request, timeout=timeout))
+
+
+def _task_request(
+    prompt: str | Sequence[int] | None,
+    prefix: str | None,
+    suffix: str,
+    persistent: bool,
+    sampling: SamplingOptions,
+) -> dict[str, Any]:
+    """The fields of CreateTaskRequest and CreateTaskStreamRequest."""
+    fields: dict[str, Any] = {
+        "kind": tasks_pb2.TASK_KIND_PERSISTENT if persistent else tasks_pb2.TASK_KIND_TEMPORARY,
+        "sampling": sampling_params(**sampling),
+    }
+    if prefix is not None:
+        if prompt is not None:
+            raise TypeError("give prompt, or prefix and suffix (fill in the middle), not both")
+        fields["fim"] = tasks_pb2.FillInTheMiddle(prefix=prefix, suffix=suffix)
+    elif suffix:
+        raise TypeError("suffix needs prefix (fill in the middle)")
+    elif prompt is not None:
+        fields["prompt"] = prompt_message(prompt)
+    return fields

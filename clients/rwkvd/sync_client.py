@@ -1,19 +1,21 @@
 """Client: the synchronous client, an AsyncClient run on a private event loop in a background thread.
 
 There is one implementation of every call, AsyncClient's; each method here only carries it across
-to the loop thread and blocks for its result (or, for streams, for each message).
+to the loop thread and blocks for its result (or, for streams, for each message). Tasks come back as
+Task handles whose methods do the same.
 """
 
 from __future__ import annotations
 
-import asyncio
 import functools
-import threading
+import inspect
 from collections.abc import AsyncGenerator, Callable, Coroutine, Generator
 from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
+from ._loop import LoopThread
 from .client import AsyncClient
+from .tasks import AsyncTask, Task
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -27,8 +29,21 @@ def _blocking(
 
     @functools.wraps(method)
     def blocking(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
-        return self._run(method(self._client, *args, **kwargs))
+        return self._loop.run(method(self._client, *args, **kwargs))
 
+    return blocking
+
+
+def _task_blocking(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, AsyncTask]],
+) -> Callable[Concatenate[Client, P], Task]:
+    """The synchronous form of an AsyncClient method that makes an AsyncTask: it returns a (blocking) Task."""
+
+    @functools.wraps(method)
+    def blocking(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Task:
+        return Task(self._loop, self._loop.run(method(self._client, *args, **kwargs)))
+
+    blocking.__signature__ = inspect.signature(method).replace(return_annotation="Task")  # type: ignore[attr-defined]
     return blocking
 
 
@@ -40,24 +55,40 @@ def _iterating(
     @functools.wraps(method)
     def iterating(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> Generator[T, None, None]:
         messages = method(self._client, *args, **kwargs)  # builds the request; the call starts at the first next()
-        return self._iterate(messages)
+        return self._loop.iterate(messages)
 
     return iterating
 
 
-async def _next(messages: AsyncGenerator[T, None]) -> tuple[T] | None:
-    """The next message in a 1-tuple, or None at the end: the end crosses back to the caller's thread as a value."""
-    try:
-        return (await anext(messages),)
-    except StopAsyncIteration:
-        return None
+def _awaiting(
+    method: Callable[Concatenate[AsyncClient, P], Coroutine[Any, Any, R]],
+) -> Callable[Concatenate[Client, P], Coroutine[Any, Any, R]]:
+    """A coroutine method awaitable from any event loop (RockAI's run_async), run on the client's own loop."""
+
+    @functools.wraps(method)
+    async def awaiting(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> R:
+        return await self._loop.run_async(method(self._client, *args, **kwargs))
+
+    return awaiting
+
+
+def _async_iterating(
+    method: Callable[Concatenate[AsyncClient, P], AsyncGenerator[T, None]],
+) -> Callable[Concatenate[Client, P], AsyncGenerator[T, None]]:
+    """A stream iterable with `async for` on any event loop (RockAI's stream_async), run on the client's loop."""
+
+    @functools.wraps(method)
+    def async_iterating(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> AsyncGenerator[T, None]:
+        return self._loop.iterate_async(method(self._client, *args, **kwargs))
+
+    return async_iterating
 
 
 class Client:
     """A connection to one rwkvd server for synchronous code; safe to share between threads.
 
     Arguments as for AsyncClient. Streams are generators: leaving the loop early (or close()) cancels
-    the call.
+    the call. run_async() and stream_async() may be awaited from any event loop (as in RockAI's client).
     """
 
     def __init__(
@@ -72,10 +103,7 @@ class Client:
         timeout: float | None = 60.0,
         max_attempts: int = 5,
     ) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="rwkvd-client", daemon=True)
-        self._thread.start()
-        self._closed = False
+        self._loop = LoopThread("rwkvd-client")
 
         async def connect() -> AsyncClient:  # a grpc.aio channel belongs to the loop it is made in
             return AsyncClient(
@@ -90,9 +118,9 @@ class Client:
             )
 
         try:
-            self._client = self._run(connect())
+            self._client = self._loop.run(connect())
         except BaseException:
-            self._stop_loop()
+            self._loop.shutdown()
             raise
 
     def __enter__(self) -> Self:
@@ -105,42 +133,32 @@ class Client:
 
     def close(self) -> None:
         """Closes the channel (cancelling calls in flight) and stops the loop thread; idempotent."""
-        if self._closed:
+        if self._loop.closing:
             return
-        self._closed = True
+        self._loop.closing = True
         try:
-            self._run(self._client.close())
+            self._loop.run(self._client.close())
         finally:
-            self._stop_loop()
+            self._loop.shutdown()
 
     call = _blocking(AsyncClient.call)
+    call_stream = _iterating(AsyncClient.call_stream)
     list_models = _blocking(AsyncClient.list_models)
     get_model = _blocking(AsyncClient.get_model)
     complete = _blocking(AsyncClient.complete)
     complete_stream = _iterating(AsyncClient.complete_stream)
+
+    create_task = _task_blocking(AsyncClient.create_task)
+    create_task_stream = _iterating(AsyncClient.create_task_stream)
+    get_task = _task_blocking(AsyncClient.get_task)
+    list_tasks = _blocking(AsyncClient.list_tasks)
+
+    run = _blocking(AsyncClient.run)
     stream = _iterating(AsyncClient.stream)
-
-    def _run(self, coroutine: Coroutine[Any, Any, R]) -> R:
-        if self._loop.is_closed():
-            coroutine.close()
-            raise RuntimeError("this rwkvd.Client is closed")
-        future = asyncio.run_coroutine_threadsafe(coroutine, self._loop)
-        try:
-            return future.result()
-        except BaseException:
-            future.cancel()  # interrupted (e.g. KeyboardInterrupt): do not leave the call running
-            raise
-
-    def _iterate(self, messages: AsyncGenerator[T, None]) -> Generator[T, None, None]:
-        try:
-            while (item := self._run(_next(messages))) is not None:
-                yield item[0]
-        finally:
-            if not self._closed:
-                self._run(messages.aclose())
-
-    def _stop_loop(self) -> None:
-        self._run(self._loop.shutdown_asyncgens())
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+    run_async = _awaiting(AsyncClient.run)
+    stream_async = _async_iterating(AsyncClient.stream)
+    cancel = _blocking(AsyncClient.cancel)
+    create_prediction = _blocking(AsyncClient.create_prediction)
+    get_prediction = _blocking(AsyncClient.get_prediction)
+    list_predictions = _blocking(AsyncClient.list_predictions)
+    prediction_events = _iterating(AsyncClient.prediction_events)

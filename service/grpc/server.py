@@ -30,11 +30,15 @@ from rwkvd.v1 import (
 
 from service.config import ServerConfig
 from service.domain.completions import Completions
+from service.domain.predictions import PredictionManager
+from service.domain.tasks import TaskManager
 from service.engine.protocol import EngineClient
 
 from .interceptors import AuthInterceptor, ObserveInterceptor
 from .servicers.completions import CompletionServicer
 from .servicers.models import ModelServicer
+from .servicers.predictions import PredictionServicer
+from .servicers.tasks import TaskServicer
 from .servicers.unimplemented import unimplemented_servicer
 
 log = logging.getLogger("rwkvd.grpc")
@@ -47,6 +51,8 @@ class Services:
 
     engine: EngineClient
     completions: Completions
+    tasks: TaskManager
+    predictions: PredictionManager
 
 
 @dataclass(frozen=True)
@@ -75,15 +81,13 @@ SERVICES = (
         tasks_pb2.DESCRIPTOR.services_by_name["TaskService"],
         tasks_pb2_grpc.add_TaskServiceServicer_to_server,
         tasks_pb2_grpc.TaskServiceServicer,
-        None,
-        "tasks are planned with the task and prediction APIs",
+        lambda s: TaskServicer(s.tasks),
     ),
     _Service(
         predictions_pb2.DESCRIPTOR.services_by_name["PredictionService"],
         predictions_pb2_grpc.add_PredictionServiceServicer_to_server,
         predictions_pb2_grpc.PredictionServiceServicer,
-        None,
-        "predictions are planned with the task and prediction APIs",
+        lambda s: PredictionServicer(s.predictions),
     ),
     _Service(
         chat_pb2.DESCRIPTOR.services_by_name["ChatService"],

@@ -1,16 +1,23 @@
-"""The HTTP application: health endpoints and the OpenAI model list (more dialects mount here later).
+"""The HTTP application: health, the OpenAI model list, and the dialects' routers behind bearer auth.
 
+Mounted: the RWKV-Server Task API (rwkv_tasks) and the Replicate / RockAI predictions API (replicate).
 Readiness is shared with the gRPC health service through `Readiness`, so one SIGTERM flips both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from service.domain.predictions import PredictionManager
+from service.domain.tasks import TaskManager
 from service.engine.protocol import EngineClient
+
+from . import replicate, rwkv_tasks
+from .auth import BearerAuth
 
 
 @dataclass
@@ -18,8 +25,18 @@ class Readiness:
     ready: bool = False
 
 
-def create_app(engine: EngineClient, readiness: Readiness) -> FastAPI:
+def create_app(
+    engine: EngineClient,
+    readiness: Readiness,
+    tasks: TaskManager,
+    predictions: PredictionManager,
+    public_url: str | None = None,
+    api_keys: Sequence[str] = (),
+) -> FastAPI:
     app = FastAPI(title="rwkvd", version="0.1.0", docs_url="/docs", redoc_url=None)
+    app.add_middleware(BearerAuth, keys=api_keys)
+    app.include_router(rwkv_tasks.create_router(tasks))
+    app.include_router(replicate.create_router(predictions, engine, public_url))
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:

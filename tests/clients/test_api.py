@@ -18,12 +18,33 @@ def test_exports() -> None:
         assert isinstance(error, rwkvd.RwkvdError)
 
 
+def public_methods(cls: type) -> set[str]:
+    return {name for name, value in vars(cls).items() if callable(value) and not name.startswith("_")}
+
+
 def test_sync_methods_have_the_async_signatures() -> None:
-    for name in ("call", "stream", "list_models", "get_model", "complete", "complete_stream"):
+    names = public_methods(rwkvd.AsyncClient) - {"close"}  # the same, but the sync one also stops its thread
+    assert names == public_methods(rwkvd.Client) - {"close"}
+    assert {"run", "run_async", "stream", "stream_async", "cancel", "create_task", "get_task"} <= names
+    for name in names:
         sync, asynchronous = getattr(rwkvd.Client, name), getattr(rwkvd.AsyncClient, name)
-        assert inspect.signature(sync) == inspect.signature(asynchronous), name
+        # Methods that make tasks return the blocking Task handle instead of the AsyncTask.
+        parameters = inspect.signature(sync).parameters
+        assert list(parameters.values())[1:] == list(inspect.signature(asynchronous).parameters.values())[1:], name
         assert sync.__doc__ == asynchronous.__doc__
+    assert inspect.signature(rwkvd.Client.create_task).return_annotation == "Task"
     assert inspect.signature(rwkvd.Client.__init__) == inspect.signature(rwkvd.AsyncClient.__init__)
+
+
+def test_task_handles_have_the_same_operations() -> None:
+    names = public_methods(rwkvd.AsyncTask)
+    assert names == public_methods(rwkvd.Task)
+    assert names == {"refresh", "wait", "stream", "events", "fork", "continue_", "as_template", "stop", "delete"}
+    for name in names:
+        sync, asynchronous = getattr(rwkvd.Task, name), getattr(rwkvd.AsyncTask, name)
+        parameters = inspect.signature(sync).parameters
+        assert list(parameters.values())[1:] == list(inspect.signature(asynchronous).parameters.values())[1:], name
+        assert sync.__doc__ == asynchronous.__doc__
 
 
 def test_streams_are_generators_that_start_on_first_use() -> None:

@@ -8,7 +8,7 @@ from contextlib import aclosing
 
 import pytest
 import rwkvd
-from rwkvd.v1 import common_pb2, tasks_pb2
+from rwkvd.v1 import chat_pb2, common_pb2
 
 from tests.clients.conftest import Server
 
@@ -127,9 +127,9 @@ async def test_unknown_model_is_not_found(server: Server) -> None:
 async def test_unbuilt_services_are_unimplemented_through_raw_stubs(server: Server) -> None:
     async with rwkvd.AsyncClient(server.target) as client:
         with pytest.raises(rwkvd.Unimplemented) as unary:
-            await client.call(lambda s: s.tasks.GetTask(tasks_pb2.GetTaskRequest(task_id="TMP_0")))
+            await client.call(lambda s: s.chat.GetSession(chat_pb2.GetSessionRequest(session_id="x")))
         with pytest.raises(rwkvd.Unimplemented) as streaming:
-            async for _ in client.stream(lambda s: s.tasks.SubscribeTask(tasks_pb2.SubscribeTaskRequest(task_id="x"))):
+            async for _ in client.call_stream(lambda s: s.chat.CompleteStream(chat_pb2.CompleteStreamRequest())):
                 pass
     assert unary.value.reason == streaming.value.reason == "NOT_IMPLEMENTED"
 

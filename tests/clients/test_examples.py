@@ -30,3 +30,7 @@ async def test_quickstart(server: Server) -> None:
     assert "rejected as expected: ['sampling.temperature']" in text
     assert "async stream matches: True" in text
     assert "not found as expected: ('model', 'nobody/nothing')" in text
+    assert "task TMP_" in text
+    assert "fork of TMP_" in text
+    assert "prediction: " in text
+    assert "async task stream matches: True" in text

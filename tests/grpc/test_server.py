@@ -1,4 +1,4 @@
-"""The gRPC server on loopback: health, reflection, ModelService, auth, error details, placeholders."""
+"""The gRPC server on loopback: health, reflection, ModelService, auth, error details, the unbuilt ChatService."""
 
 from __future__ import annotations
 
@@ -15,10 +15,6 @@ from rwkvd.v1 import (
     completions_pb2_grpc,
     models_pb2,
     models_pb2_grpc,
-    predictions_pb2,
-    predictions_pb2_grpc,
-    tasks_pb2,
-    tasks_pb2_grpc,
 )
 
 from service.grpc.server import READINESS
@@ -52,11 +48,18 @@ async def test_health_reflection_and_models() -> None:
     async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
         health = health_pb2_grpc.HealthStub(channel)
         serving = health_pb2.HealthCheckResponse.SERVING
-        for name in ("", READINESS, "rwkvd.v1.ModelService", "rwkvd.v1.CompletionService"):
+        for name in (
+            "",
+            READINESS,
+            "rwkvd.v1.ModelService",
+            "rwkvd.v1.CompletionService",
+            "rwkvd.v1.TaskService",
+            "rwkvd.v1.PredictionService",
+        ):
             assert (await health.Check(health_pb2.HealthCheckRequest(service=name))).status == serving, name
         # Services whose behaviour is not built yet say so.
-        tasks = await health.Check(health_pb2.HealthCheckRequest(service="rwkvd.v1.TaskService"))
-        assert tasks.status == health_pb2.HealthCheckResponse.NOT_SERVING
+        chat = await health.Check(health_pb2.HealthCheckRequest(service="rwkvd.v1.ChatService"))
+        assert chat.status == health_pb2.HealthCheckResponse.NOT_SERVING
 
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         listed: set[str] = set()
@@ -87,7 +90,7 @@ async def test_bad_input_names_the_field_and_other_calls_go_on() -> None:
     async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
         stub = completions_pb2_grpc.CompletionServiceStub(channel)
         bad = completions_pb2.CreateCompletionRequest(
-            prompt=common_pb2.Prompt(text="hi"), sampling=common_pb2.SamplingParams(temperature=7.5, top_p=0.0)
+            prompt=common_pb2.Prompt(text="hi"), sampling=common_pb2.SamplingParams(temperature=7.5, top_p=1.5)
         )
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await stub.CreateCompletion(bad)
@@ -113,16 +116,10 @@ async def test_bad_input_names_the_field_and_other_calls_go_on() -> None:
 @pytest.mark.parametrize(
     ("call", "method"),
     [
-        (lambda ch: tasks_pb2_grpc.TaskServiceStub(ch).GetTask(tasks_pb2.GetTaskRequest(task_id="x")), "GetTask"),
+        (lambda ch: chat_pb2_grpc.ChatServiceStub(ch).Complete(chat_pb2.CompleteRequest()), "Complete"),
         (
-            lambda ch: predictions_pb2_grpc.PredictionServiceStub(ch).GetPrediction(
-                predictions_pb2.GetPredictionRequest(id="x")
-            ),
-            "GetPrediction",
-        ),
-        (
-            lambda ch: chat_pb2_grpc.ChatServiceStub(ch).Complete(chat_pb2.CompleteRequest()),
-            "Complete",
+            lambda ch: chat_pb2_grpc.ChatServiceStub(ch).GetSession(chat_pb2.GetSessionRequest(session_id="x")),
+            "GetSession",
         ),
     ],
 )
@@ -138,7 +135,7 @@ async def test_unbuilt_services_answer_unimplemented_naming_the_rpc(call: object
 
 async def test_unbuilt_streaming_rpc_answers_unimplemented() -> None:
     async with running_app() as app, grpc.aio.insecure_channel(grpc_target(app)) as channel:
-        call = tasks_pb2_grpc.TaskServiceStub(channel).SubscribeTask(tasks_pb2.SubscribeTaskRequest(task_id="x"))
+        call = chat_pb2_grpc.ChatServiceStub(channel).CompleteStream(chat_pb2.CompleteStreamRequest())
         with pytest.raises(grpc.aio.AioRpcError) as err:
             async for _ in call:
                 pass
