@@ -74,12 +74,14 @@ class Completions:
             tokens = list(request.tokens)
         else:
             tokens = self._engine.tokenizer.encode(request.text or "")
-        return GenerationRequest(
+        prepared = GenerationRequest(
             request_id=f"cmpl-{uuid.uuid4().hex}",
             prompt=tuple(tokens),
             sampling=request.sampling.resolve(self._defaults),
             deadline=request.deadline,
         )
+        self._engine.check(prepared)  # refuse now, not once a stream has started
+        return prepared
 
     async def stream(self, prepared: GenerationRequest) -> AsyncGenerator[TokenEvent, None]:
         """Engine events of a prepared completion; closing the iterator early aborts it.

@@ -10,7 +10,9 @@ def resolve_model(engine: EngineClient, requested: str, field: str = "model") ->
     """The served model if `requested` names it ("owner/name", "owner/name:version", its version, or "")."""
     model = engine.model
     name, _, version = requested.partition(":")
-    if requested in ("", model.id, model.version) or (name == model.id and version in ("", model.version)):
+    if requested in ("", model.id, model.version, *model.aliases) or (
+        name == model.id and version in ("", model.version)
+    ):
         return model
     raise NotFound.resource_missing(
         "model", requested, reason="MODEL_NOT_FOUND", detail=f"this server serves {model.id} (version {model.version})"

@@ -16,7 +16,7 @@ from typing import Any
 
 from service.errors import FieldViolation, InvalidArgument
 
-from .prompts import CHAT_STOP, chat_prompt
+from .prompts import CHAT_STOPS, chat_prompt
 from .sampling import SamplingOverrides
 
 _KIND_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
@@ -80,7 +80,7 @@ def parse_input(raw: Mapping[str, Any]) -> PredictionInput:
         stop: tuple[str, ...] = ()
     else:
         text = chat_prompt(([("System", system)] if system else []) + [("User", prompt)])
-        stop = (CHAT_STOP,)
+        stop = CHAT_STOPS
     if isinstance(stops, str):
         stop += tuple(s for s in (x.strip() for x in stops.split(",")) if s)
     elif stops:

@@ -51,5 +51,7 @@ class SamplingOverrides:
         return cls(**values)
 
 
+NO_OVERRIDES = SamplingOverrides()
+
 # gRPC CompletionService and OpenAI /v1/completions: neutral sampling, a modest budget.
 COMPLETION_DEFAULTS = SamplingParams(max_tokens=256)

@@ -33,7 +33,7 @@ from service.engine.protocol import (
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from service.store.sqlite import Store
 
-from .prompts import FIM_MARK, fim_prompt
+from .prompts import CHAT_STOPS, FIM_MARK, fim_prompt
 from .sampling import SamplingOverrides
 from .task_state import Round, RoundEvent, RoundStarted, Task, TaskKind, TaskStatus
 
@@ -48,7 +48,7 @@ TASK_DEFAULTS = SamplingParams(
     presence_penalty=2.0,
     repetition_penalty=0.0,
     penalty_decay=1.0,
-    stop=("\nUser:",),
+    stop=CHAT_STOPS,
 )
 
 
@@ -225,6 +225,13 @@ class TaskManager:
         await self._save(template)
         self._templates[template.id] = template
         return template
+
+    async def template_state(self, template_id: str) -> StateRef:
+        """A template's state, for something that starts from it (a chat session); the template is unchanged."""
+        template = await self.get(template_id)
+        if template.kind is not TaskKind.TEMPLATE:
+            raise InvalidArgument.for_field("template_id", "not a template (a _TMPL_ task)", reason="NOT_A_TEMPLATE")
+        return await self._load_state(template)
 
     async def list_tasks(self, kind: TaskKind | None = None) -> TaskListing:
         """Tasks in memory (oldest first) and the ids of stored ones."""

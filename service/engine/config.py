@@ -11,6 +11,8 @@ class EngineConfig:
     model_path: str | None = None
     # "owner/name" the APIs use; None = "local/<file stem>" or "local/rwkv7-demo".
     model_id: str | None = None
+    # Other names the APIs accept for the model (e.g. "gpt-3.5-turbo" for clients that hard-code one).
+    model_aliases: tuple[str, ...] = ()
     backend: str = "auto"  # auto | torch | triton
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, fp16 on GPU) | float32 | float16 | bfloat16

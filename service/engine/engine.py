@@ -50,7 +50,7 @@ class Engine:
         # Cumulative seconds per phase of the step loop (read by benchmarks and metrics).
         self._clock = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "postprocess": 0.0, "deliver": 0.0}
 
-    # Methods up to _validate may be called from any thread; those after it run in the engine thread.
+    # Methods up to validate may be called from any thread; those after it run in the engine thread.
 
     def shutdown(self, timeout: float = 10.0) -> None:
         """Cancels whatever still runs, then waits for the loop to exit."""
@@ -65,7 +65,7 @@ class Engine:
 
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
         """Queues a request; raises at once if it is invalid or the engine is full or stopping."""
-        self._validate(request)
+        self.validate(request)
         start = request.start_state
         assert start is None or isinstance(start, StateSnapshot)
         if request.sampling.seed is not None:
@@ -80,9 +80,11 @@ class Engine:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING", retry_after=1.0)
             if request.request_id in self._live:
                 raise AlreadyExists(f"request id {request.request_id!r} is in use", reason="DUPLICATE_REQUEST_ID")
-            if self._queued >= self._config.max_queued:
+            # Submitted requests take the free slots first; only those beyond them wait in the queue.
+            waiting = self._queued - self._runner.free_slots
+            if waiting >= self._config.max_queued:
                 raise ResourceExhausted(
-                    f"{self._queued} requests are waiting for a slot; try again shortly",
+                    f"{max(waiting, 0)} requests are waiting for a slot; try again shortly",
                     reason="QUEUE_FULL",
                     retry_after=1.0,
                 )
@@ -139,7 +141,7 @@ class Engine:
             self._commands.append(command)
             self._cv.notify()
 
-    def _validate(self, request: GenerationRequest) -> None:
+    def validate(self, request: GenerationRequest) -> None:
         vocab = self._runner.model.shape.vocab_size
         check_sampling(request.sampling, "sampling", vocab, self._config.max_new_tokens)
         if len(request.prompt) > self._config.max_prompt_tokens:
@@ -168,26 +170,34 @@ class Engine:
             with self._cv:
                 while not self._commands and self._scheduler.idle and not self._stopping:
                     self._cv.wait()
-                commands = list(self._commands)
-                self._commands.clear()
-                stopping = self._stopping
-            for command in commands:
-                command()
-            if stopping:
-                for seq in list(self._scheduler.all()):
-                    self._finish(seq, FinishReason.CANCELLED)
-                self._deliver()
+            if not self._iterate():
                 return
-            t0 = time.perf_counter()
-            self._expire()
-            self._admit()
-            plan = self._scheduler.plan()
-            self._clock["schedule"] += time.perf_counter() - t0
-            if plan.rows:
-                self._step(plan)
-            t1 = time.perf_counter()
+
+    def _iterate(self) -> bool:
+        """Commands, then one step; False once stopped. Its locals (the step's rows, the commands) die on
+        return, so nothing of a finished request stays referenced while the loop waits for work."""
+        with self._cv:
+            commands = list(self._commands)
+            self._commands.clear()
+            stopping = self._stopping
+        for command in commands:
+            command()
+        if stopping:
+            for seq in list(self._scheduler.all()):
+                self._finish(seq, FinishReason.CANCELLED)
             self._deliver()
-            self._clock["deliver"] += time.perf_counter() - t1
+            return False
+        t0 = time.perf_counter()
+        self._expire()
+        self._admit()
+        plan = self._scheduler.plan()
+        self._clock["schedule"] += time.perf_counter() - t0
+        if plan.rows:
+            self._step(plan)
+        t1 = time.perf_counter()
+        self._deliver()
+        self._clock["deliver"] += time.perf_counter() - t1
+        return True
 
     def _admit(self) -> None:
         while self._runner.free_slots > 0 and self._scheduler.waiting:

@@ -128,6 +128,9 @@ class LocalEngineClient:
         self._engine.submit(request, sink)  # raises here, before the caller has started anything
         return EventStream(self._engine, sink, request.request_id)
 
+    def check(self, request: GenerationRequest) -> None:
+        self._engine.validate(request)
+
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 
@@ -263,6 +266,7 @@ def _assemble(config: EngineConfig, load: Callable[[], Checkpoint] | None) -> Lo
         source=ckpt.source,
         load_time=started,
         max_batch_size=config.max_batch_size,
+        aliases=config.model_aliases,
     )
     log.info(
         "model %s (%s, L%d C%d, %.1fM params, %s) on %s/%s ready in %.1fs",

@@ -243,6 +243,7 @@ class ModelInfo:
     source: str
     load_time: float  # unix seconds
     max_batch_size: int
+    aliases: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -269,6 +270,10 @@ class EngineClient(Protocol):
     def generate(self, request: GenerationRequest) -> TokenStream:
         """Submits a request at once (raising if it is invalid or the engine is full) and returns its events,
         which end with one Finished. Closing the stream early, or dropping it, aborts the request."""
+        ...
+
+    def check(self, request: GenerationRequest) -> None:
+        """Raises what generate() would refuse the request for (bad sampling or prompt), submitting nothing."""
         ...
 
     async def abort(self, request_id: str) -> None:

@@ -12,7 +12,7 @@ import pytest
 
 from service.domain.prediction_input import parse_input
 from service.domain.predictions import Prediction, PredictionManager, PredictionStatus, WebhookEvent
-from service.domain.prompts import CHAT_STOP
+from service.domain.prompts import CHAT_STOPS
 from service.engine.config import EngineConfig
 from service.engine.local import LocalEngineClient, build_engine
 from service.errors import InvalidArgument, NotFound
@@ -58,7 +58,7 @@ def test_inputs_follow_replicate_naming() -> None:
     s = parsed.sampling
     assert (s.max_tokens, s.min_tokens, s.temperature, s.top_k) == (8, None, 1.0, 40)
     assert s.multiplicative_repetition_penalty == 1.15
-    assert s.stop == (CHAT_STOP, "END", "STOP")
+    assert s.stop == (*CHAT_STOPS, "END", "STOP")
     raw = parse_input({"prompt": "a {b}", "prompt_template": "[{system_prompt}] {prompt}", "stop_sequences": ["x"]})
     assert raw.prompt == "[] a {b}"
     assert raw.sampling.stop == ("x",)
