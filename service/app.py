@@ -13,8 +13,10 @@ import logging
 import signal
 
 from service.config import ServerConfig
+from service.domain.chat import ChatCompletions
 from service.domain.completions import Completions
 from service.domain.predictions import PredictionManager
+from service.domain.sessions import SessionLimits, SessionManager
 from service.domain.tasks import TaskLimits, TaskManager
 from service.domain.webhooks import WebhookDelivery
 from service.engine.local import LocalEngineClient, build_engine
@@ -51,17 +53,29 @@ class App:
             await self.tasks.start()
             self.webhooks = WebhookDelivery(lambda p: replicate.render_prediction(p, self.base_url))
             self.predictions = PredictionManager(self.engine, self.store, notify=self.webhooks.notify)
+            completions = Completions(self.engine)
+            chat = ChatCompletions(self.engine)
+            sessions = SessionManager(self.engine, SessionLimits(cfg.max_sessions, cfg.session_idle_seconds))
             services = Services(
                 engine=self.engine,
-                completions=Completions(self.engine),
+                completions=completions,
                 tasks=self.tasks,
                 predictions=self.predictions,
+                chat=chat,
+                sessions=sessions,
             )
             self.grpc = GrpcServer(cfg, services)
             await self.grpc.start()
             if cfg.http_port >= 0:
                 app = create_app(
-                    self.engine, self.readiness, self.tasks, self.predictions, cfg.public_url, cfg.api_keys
+                    self.engine,
+                    self.readiness,
+                    self.tasks,
+                    self.predictions,
+                    chat,
+                    completions,
+                    cfg.public_url,
+                    cfg.api_keys,
                 )
                 self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds)
                 await self.http.start()

@@ -36,6 +36,9 @@ class ServerConfig:
     grpc_max_connection_age_seconds: float = 0.0
     # Temporary tasks kept in memory (least recently used beyond are dropped; their ids say so).
     max_temporary_tasks: int = 256
+    # Chat sessions kept (idle ones beyond are dropped, oldest first) and how long an idle one lives.
+    max_sessions: int = 256
+    session_idle_seconds: float = 1800.0
     # Base of the absolute URLs in prediction objects (urls.get/stream/cancel); None = the request's host.
     public_url: str | None = None
     engine: EngineConfig = field(default_factory=EngineConfig)
@@ -54,8 +57,10 @@ class ServerConfig:
             problems.append("log_format must be text or json")
         if self.log_level.lower() not in ("debug", "info", "warning", "error"):
             problems.append("log_level must be debug, info, warning or error")
-        if self.max_temporary_tasks < 1:
-            problems.append("max_temporary_tasks must be at least 1")
+        if self.max_temporary_tasks < 1 or self.max_sessions < 1:
+            problems.append("max_temporary_tasks and max_sessions must be at least 1")
+        if self.session_idle_seconds <= 0:
+            problems.append("session_idle_seconds must be positive")
         if any(not k for k in self.api_keys):
             problems.append("api keys must not be empty")
         if problems:
@@ -101,6 +106,8 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--threads", "engine.threads", _optional_int, "torch CPU threads"),
     _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
     _Option("--public-url", "public_url", _optional_str, "base URL clients reach this server at (prediction urls)"),
+    _Option("--max-sessions", "max_sessions", int, "chat sessions kept in memory"),
+    _Option("--session-idle-seconds", "session_idle_seconds", float, "an unused chat session is dropped after this"),
     _Option("--drain-seconds", "drain_seconds", float, "on SIGTERM: not-ready this long before stopping"),
     _Option("--grace-seconds", "grace_seconds", float, "on SIGTERM: time in-flight calls get to finish"),
     _Option("--log-level", "log_level", str, "debug, info, warning or error"),
@@ -115,6 +122,13 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
         parser.add_argument(opt.flag, dest=opt.target, type=opt.parse, default=None, help=f"{opt.help} [{opt.env}]")
     parser.add_argument(
         "--api-key", dest="api_keys", action="append", default=None, help="bearer token; repeatable [RWKVD_API_KEYS]"
+    )
+    parser.add_argument(
+        "--model-alias",
+        dest="aliases",
+        action="append",
+        default=None,
+        help="another name clients may use for the model, e.g. gpt-3.5-turbo; repeatable [RWKVD_MODEL_ALIASES]",
     )
     parser.add_argument("--api-key-file", default=None, help="file with one bearer token per line [RWKVD_API_KEY_FILE]")
     args = vars(parser.parse_args(list(argv)))
@@ -135,6 +149,9 @@ def parse_serve_args(argv: Sequence[str], environ: Mapping[str, str]) -> ServerC
         keys += [line.strip() for line in Path(key_file).read_text().splitlines() if line.strip()]
     if keys:
         values["api_keys"] = tuple(k.strip() for k in keys)
+    aliases = args["aliases"] or [a for a in environ.get("RWKVD_MODEL_ALIASES", "").split(",") if a.strip()]
+    if aliases:
+        values["engine.model_aliases"] = tuple(a.strip() for a in aliases)
     return build_config(values)
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import tempfile
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +41,16 @@ async def running_app(**settings: Any) -> AsyncIterator[App]:
             yield app
         finally:
             await app.shutdown()
+
+
+async def eventually(condition: Callable[[], bool], within: float = 5.0) -> bool:
+    """Whether `condition` becomes true within `within` seconds (for effects that land a step later)."""
+    end = time.monotonic() + within
+    while not condition():
+        if time.monotonic() > end:
+            return False
+        await asyncio.sleep(0.01)  # polling a plain predicate: there is no event to wait on
+    return True
 
 
 def grpc_target(app: App) -> str:

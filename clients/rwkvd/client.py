@@ -1,4 +1,4 @@
-"""AsyncClient: the typed asyncio client of rwkvd: models, completions, tasks and predictions, plus raw stubs.
+"""AsyncClient: the typed asyncio client of rwkvd: models, completions, chat, tasks and predictions, plus raw stubs.
 
 Every failed call raises the typed exception of rwkvd.errors. Unary calls get the client's default
 deadline unless given `timeout=`; streams get none unless given one. (`timeout=` is the gRPC deadline,
@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, Self, TypeAlias, TypeVar, Unpack
 import grpc
 
 from ._channel import ChannelSettings, open_channel
+from .chat import AsyncChatSession, MessageLike, chat_messages
 from .errors import RwkvdError, from_rpc_error
 from .params import SamplingOptions, prompt_message, sampling_params
 from .predictions import (
@@ -30,6 +31,7 @@ from .predictions import (
 )
 from .tasks import KIND_VALUES, AsyncTask, TaskKind
 from .v1 import (
+    chat_pb2,
     chat_pb2_grpc,
     completions_pb2,
     completions_pb2_grpc,
@@ -193,6 +195,96 @@ class AsyncClient:
             raise from_rpc_error(err) from err
         finally:
             call.cancel()  # no-op once the call has ended
+
+    # Chat: completions of structured messages, and sessions whose RNN state stays on the server.
+
+    async def complete_chat(
+        self,
+        messages: Sequence[MessageLike],
+        *,
+        model: str = "",
+        n: int = 1,
+        user: str = "",
+        timeout: float | None = None,  # noqa: ASYNC109
+        **sampling: Unpack[SamplingOptions],
+    ) -> chat_pb2.CompleteResponse:
+        """The assistant's reply to `messages` (ChatMessage, {"role": ..., "content": ...} or (role, content);
+        roles "system", "developer", "user", "assistant"), in the RWKV chat format.
+
+        n: choices to generate (1..8), forked from one read of the prompt. user: an end-user id for the
+        server's logs. The sampling keyword arguments are those of SamplingOptions (chat defaults:
+        max_tokens=1024, top_p=0.3, mild presence and frequency penalties; a stop at the next "User:").
+        """
+        request = chat_pb2.CompleteRequest(**_chat_request(messages, model, n, user, sampling))
+        return await self.call(lambda s: s.chat.Complete(request, timeout=timeout))
+
+    def complete_chat_stream(
+        self,
+        messages: Sequence[MessageLike],
+        *,
+        model: str = "",
+        n: int = 1,
+        user: str = "",
+        timeout: float | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncGenerator[chat_pb2.CompleteStreamResponse, None]:
+        """Like complete_chat(), streamed: a first message once the prompt is read (no choices), then deltas
+        of every choice (`choices[i].index` says which; a choice's last carries its finish_reason); the
+        last message has the usage. Leaving early cancels the call and frees the engine slots."""
+        request = chat_pb2.CompleteStreamRequest(**_chat_request(messages, model, n, user, sampling))
+        return self.call_stream(lambda s: s.chat.CompleteStream(request, timeout=timeout))
+
+    def chat(
+        self,
+        session_id: str | None = None,
+        *,
+        history: Sequence[MessageLike] | None = None,
+        template_id: str | None = None,
+        model: str = "",
+        timeout: float | None = None,
+        **sampling: Unpack[SamplingOptions],
+    ) -> AsyncChatSession:
+        """A chat session, opened by `async with` (or `await ....open()`): a new one, or `session_id` resumed.
+
+        A new session starts from a template task's state (`template_id`, a "_TMPL_" id) and/or reads
+        `history` first (e.g. the system prompt). The sampling keyword arguments are the session's
+        defaults for every turn. timeout: a deadline for the whole conversation (none by default).
+        """
+        request = chat_pb2.OpenSession(
+            session_id=session_id or "",
+            model=model,
+            template_id=template_id or "",
+            history=chat_messages(history),
+            sampling=sampling_params(**sampling),
+        )
+        return AsyncChatSession(self, request, timeout)
+
+    async def get_session(self, session_id: str, *, timeout: float | None = None) -> chat_pb2.Session:  # noqa: ASYNC109
+        """A chat session by id: NotFound with reason SESSION_NOT_FOUND, SESSION_EXPIRED or SESSION_EVICTED."""
+        request = chat_pb2.GetSessionRequest(session_id=session_id)
+        return (await self.call(lambda s: s.chat.GetSession(request, timeout=timeout))).session
+
+    async def export_session(self, session_id: str, *, timeout: float | None = None) -> bytes:  # noqa: ASYNC109
+        """A chat session's state as bytes (FailedPrecondition while a turn runs)."""
+        request = chat_pb2.ExportSessionRequest(session_id=session_id)
+        return (await self.call(lambda s: s.chat.ExportSession(request, timeout=timeout))).state
+
+    async def import_session(
+        self,
+        state: bytes,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **sampling: Unpack[SamplingOptions],
+    ) -> str:
+        """A new session from exported bytes (a server serving the same model version); returns its id, for
+        chat(session_id). The sampling keyword arguments are its defaults for every turn."""
+        request = chat_pb2.ImportSessionRequest(state=state, sampling=sampling_params(**sampling))
+        return (await self.call(lambda s: s.chat.ImportSession(request, timeout=timeout))).session.session_id
+
+    async def delete_session(self, session_id: str, *, timeout: float | None = None) -> None:  # noqa: ASYNC109
+        """Deletes a chat session (a running turn is stopped)."""
+        request = chat_pb2.DeleteSessionRequest(session_id=session_id)
+        await self.call(lambda s: s.chat.DeleteSession(request, timeout=timeout))
 
     # Tasks (RWKV-Server's model): generations that keep their RNN state.
 
@@ -395,3 +487,16 @@ def _task_request(
     elif prompt is not None:
         fields["prompt"] = prompt_message(prompt)
     return fields
+
+
+def _chat_request(
+    messages: Sequence[MessageLike], model: str, n: int, user: str, sampling: SamplingOptions
+) -> dict[str, Any]:
+    """The fields of CompleteRequest and CompleteStreamRequest."""
+    return {
+        "model": model,
+        "messages": chat_messages(messages),
+        "n": n,
+        "user": user,
+        "sampling": sampling_params(**sampling),
+    }

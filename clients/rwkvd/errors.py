@@ -1,7 +1,8 @@
 """Typed exceptions for gRPC errors: one class per status code, with the google.rpc details decoded.
 
-The server sends a google.rpc.Status in the `grpc-status-details-bin` trailer; its ErrorInfo,
-BadRequest, RetryInfo and ResourceInfo details become attributes here, so callers never unpack Any.
+The server sends a google.rpc.Status in the `grpc-status-details-bin` trailer (or, for a failed turn of
+a chat session, in-band); its ErrorInfo, BadRequest, RetryInfo and ResourceInfo details become
+attributes here, so callers never unpack Any.
 """
 
 from __future__ import annotations
@@ -139,11 +140,25 @@ _BY_CODE: dict[grpc.StatusCode, type[RwkvdError]] = {
 }
 
 
+_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
 def from_rpc_error(err: grpc.RpcError) -> RwkvdError:
     """The typed exception for a failed call (grpc.aio.AioRpcError or a sync grpc.RpcError)."""
     code, message, trailers = _call_parts(err)
+    return _BY_CODE.get(code, RwkvdError)(code, message, **_decoded(_status_details(trailers)))
+
+
+def from_status(status: status_pb2.Status) -> RwkvdError:
+    """The typed exception for a google.rpc.Status sent in-band (a failed turn of a chat session)."""
+    code = _CODES.get(status.code, grpc.StatusCode.UNKNOWN)
+    return _BY_CODE.get(code, RwkvdError)(code, status.message, **_decoded(status.details))
+
+
+def _decoded(details: Iterable[Any]) -> dict[str, Any]:
+    """RwkvdError's keyword arguments from the Any-packed details of a google.rpc.Status."""
     info: dict[str, Any] = {}
-    for detail in _status_details(trailers):
+    for detail in details:
         if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
             error_info = error_details_pb2.ErrorInfo()
             detail.Unpack(error_info)
@@ -160,7 +175,7 @@ def from_rpc_error(err: grpc.RpcError) -> RwkvdError:
             resource = error_details_pb2.ResourceInfo()
             detail.Unpack(resource)
             info["resource"] = (resource.resource_type, resource.resource_name)
-    return _BY_CODE.get(code, RwkvdError)(code, message, **info)
+    return info
 
 
 def _call_parts(err: grpc.RpcError) -> tuple[grpc.StatusCode, str, Iterable[tuple[str, str | bytes]]]:

@@ -2,7 +2,7 @@
 
 There is one implementation of every call, AsyncClient's; each method here only carries it across
 to the loop thread and blocks for its result (or, for streams, for each message). Tasks come back as
-Task handles whose methods do the same.
+Task handles and chat sessions come back as Task and ChatSession handles whose methods do the same.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from types import TracebackType
 from typing import Any, Concatenate, ParamSpec, Self, TypeVar
 
 from ._loop import LoopThread
+from .chat import AsyncChatSession, ChatSession
 from .client import AsyncClient
 from .tasks import AsyncTask, Task
 
@@ -45,6 +46,19 @@ def _task_blocking(
 
     blocking.__signature__ = inspect.signature(method).replace(return_annotation="Task")  # type: ignore[attr-defined]
     return blocking
+
+
+def _session_handle(
+    method: Callable[Concatenate[AsyncClient, P], AsyncChatSession],
+) -> Callable[Concatenate[Client, P], ChatSession]:
+    """The synchronous form of AsyncClient.chat: a (blocking) ChatSession, opened by `with`."""
+
+    @functools.wraps(method)
+    def handle(self: Client, /, *args: P.args, **kwargs: P.kwargs) -> ChatSession:
+        return ChatSession(self._loop, method(self._client, *args, **kwargs))
+
+    handle.__signature__ = inspect.signature(method).replace(return_annotation="ChatSession")  # type: ignore[attr-defined]
+    return handle
 
 
 def _iterating(
@@ -147,6 +161,14 @@ class Client:
     get_model = _blocking(AsyncClient.get_model)
     complete = _blocking(AsyncClient.complete)
     complete_stream = _iterating(AsyncClient.complete_stream)
+
+    complete_chat = _blocking(AsyncClient.complete_chat)
+    complete_chat_stream = _iterating(AsyncClient.complete_chat_stream)
+    chat = _session_handle(AsyncClient.chat)
+    get_session = _blocking(AsyncClient.get_session)
+    export_session = _blocking(AsyncClient.export_session)
+    import_session = _blocking(AsyncClient.import_session)
+    delete_session = _blocking(AsyncClient.delete_session)
 
     create_task = _task_blocking(AsyncClient.create_task)
     create_task_stream = _iterating(AsyncClient.create_task_stream)

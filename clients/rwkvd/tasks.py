@@ -41,7 +41,7 @@ _STATUSES: dict[tasks_pb2.TaskStatus.ValueType, TaskStatus] = {
     tasks_pb2.TASK_STATUS_RUNNING: "running",
     tasks_pb2.TASK_STATUS_FINISHED: "finished",
 }
-_FINISH_REASONS: dict[common_pb2.FinishReason.ValueType, FinishReason] = {
+FINISH_REASONS: dict[common_pb2.FinishReason.ValueType, FinishReason] = {
     common_pb2.FINISH_REASON_STOP: "stop",
     common_pb2.FINISH_REASON_STOP_SEQUENCE: "stop_sequence",
     common_pb2.FINISH_REASON_LENGTH: "length",
@@ -91,7 +91,7 @@ class _TaskFields:
     @property
     def finish_reason(self) -> FinishReason | None:
         """Why the current round ended; None while it runs."""
-        return _FINISH_REASONS.get(self.message.finish_reason)
+        return FINISH_REASONS.get(self.message.finish_reason)
 
     @property
     def error(self) -> str | None:

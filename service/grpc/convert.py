@@ -10,14 +10,26 @@ from collections.abc import Sequence
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
-from rwkvd.v1 import common_pb2, completions_pb2, models_pb2, predictions_pb2, tasks_pb2
+from google.rpc import status_pb2
+from rwkvd.v1 import chat_pb2, common_pb2, completions_pb2, models_pb2, predictions_pb2, tasks_pb2
 
+from service.domain.chat import ChatMessage, ChatRequest, ChatResult, ChatRole, PreparedChat
 from service.domain.completions import CompletionRequest, CompletionResult
 from service.domain.predictions import Prediction, PredictionEvent, PredictionStatus, WebhookEvent
 from service.domain.sampling import SamplingOverrides
+from service.domain.sessions import ChatSession
 from service.domain.task_state import RoundDelta, RoundEvent, RoundStarted, Task, TaskKind, TaskStatus
 from service.domain.tasks import TaskInput
-from service.engine.protocol import Delta, FinishReason, ModelInfo, SamplingParams, Timings, TokenLogprob, Usage
+from service.engine.protocol import (
+    Delta,
+    Finished,
+    FinishReason,
+    ModelInfo,
+    SamplingParams,
+    Timings,
+    TokenLogprob,
+    Usage,
+)
 from service.errors import InvalidArgument
 
 FINISH_REASONS = {
@@ -410,3 +422,110 @@ def prediction_event(e: PredictionEvent, status: PredictionStatus) -> prediction
     if e.kind == "error":
         return Response(event_id=event_id, error=e.data)
     return Response(event_id=event_id, done=predictions_pb2.PredictionDone(status=PREDICTION_STATUSES[status]))
+
+
+# Chat
+
+CHAT_ROLES = {
+    chat_pb2.CHAT_ROLE_SYSTEM: ChatRole.SYSTEM,
+    chat_pb2.CHAT_ROLE_DEVELOPER: ChatRole.DEVELOPER,
+    chat_pb2.CHAT_ROLE_USER: ChatRole.USER,
+    chat_pb2.CHAT_ROLE_ASSISTANT: ChatRole.ASSISTANT,
+}
+
+
+def chat_messages(pb: Sequence[chat_pb2.ChatMessage], field: str) -> tuple[ChatMessage, ...]:
+    messages = []
+    for i, message in enumerate(pb):
+        role = CHAT_ROLES.get(message.role)
+        if role is None:
+            raise InvalidArgument.for_field(f"{field}[{i}].role", "must be system, developer, user or assistant")
+        messages.append(ChatMessage(role, message.content))
+    return tuple(messages)
+
+
+def chat_request(pb: chat_pb2.CompleteRequest | chat_pb2.CompleteStreamRequest, deadline: float | None) -> ChatRequest:
+    return ChatRequest(
+        messages=chat_messages(pb.messages, "messages"),
+        model=pb.model,
+        sampling=sampling_overrides(pb.sampling),
+        n=pb.n or 1,  # proto3 cannot tell 0 from absent: absent is one choice
+        user=pb.user,
+        deadline=deadline,
+    )
+
+
+def chat_response(r: ChatResult) -> chat_pb2.CompleteResponse:
+    return chat_pb2.CompleteResponse(
+        id=r.id,
+        model=r.model,
+        create_time=timestamp(r.created),
+        choices=[
+            chat_pb2.ChatChoice(
+                index=c.index,
+                message=chat_pb2.ChatMessage(role=chat_pb2.CHAT_ROLE_ASSISTANT, content=c.text),
+                finish_reason=FINISH_REASONS[c.finish_reason],
+                logprobs=[logprob(lp) for lp in c.logprobs],
+            )
+            for c in r.choices
+        ],
+        usage=usage(r.usage),
+        timings=timings(r.timings, r.usage.completion_tokens),
+        seed=r.seed,
+    )
+
+
+def chat_chunk(
+    chat: PreparedChat, choices: Sequence[chat_pb2.ChoiceDelta] = (), end_usage: Usage | None = None
+) -> chat_pb2.CompleteStreamResponse:
+    """One CompleteStream message; `end_usage` goes on the last one."""
+    return chat_pb2.CompleteStreamResponse(
+        id=chat.id,
+        model=chat.model,
+        create_time=timestamp(chat.created),
+        choices=choices,
+        usage=usage(end_usage) if end_usage is not None else None,
+    )
+
+
+def choice_delta(index: int, event: Delta | Finished) -> chat_pb2.ChoiceDelta:
+    """A choice's generated tokens, or its end (an empty delta carrying the finish reason)."""
+    if isinstance(event, Delta):
+        return chat_pb2.ChoiceDelta(index=index, delta=delta(event))
+    end = common_pb2.GenerationDelta(offset=event.usage.completion_tokens)
+    return chat_pb2.ChoiceDelta(index=index, delta=end, finish_reason=FINISH_REASONS[event.reason])
+
+
+def chat_session(s: ChatSession, expire_time: float) -> chat_pb2.Session:
+    return chat_pb2.Session(
+        session_id=s.id,
+        model=s.model,
+        turns=s.turns,
+        state_tokens=s.state_tokens,
+        create_time=timestamp(s.created),
+        last_used_time=timestamp(s.last_used),
+        expire_time=timestamp(expire_time),
+    )
+
+
+def turn_delta(turn_id: str, d: Delta) -> chat_pb2.ConverseResponse:
+    return chat_pb2.ConverseResponse(delta=chat_pb2.TurnDelta(turn_id=turn_id, delta=delta(d)))
+
+
+def turn_end(turn_id: str, f: Finished, session_tokens: int, text: str) -> chat_pb2.ConverseResponse:
+    """The end of a turn. The engine counts only the turn's new text as its prompt; the tokens the session's
+    state already held (`session_tokens`) were not read again, so they count as cached."""
+    turn_usage = Usage(f.usage.prompt_tokens, f.usage.completion_tokens, session_tokens + f.usage.cached_tokens)
+    return chat_pb2.ConverseResponse(
+        turn_end=chat_pb2.TurnEnd(
+            turn_id=turn_id,
+            finish_reason=FINISH_REASONS[f.reason],
+            usage=usage(turn_usage),
+            timings=timings(f.timings, f.usage.completion_tokens),
+            text=text,
+        )
+    )
+
+
+def turn_error(turn_id: str, status: status_pb2.Status) -> chat_pb2.ConverseResponse:
+    return chat_pb2.ConverseResponse(error=chat_pb2.TurnError(turn_id=turn_id, status=status))

@@ -29,12 +29,15 @@ from rwkvd.v1 import (
 )
 
 from service.config import ServerConfig
+from service.domain.chat import ChatCompletions
 from service.domain.completions import Completions
 from service.domain.predictions import PredictionManager
+from service.domain.sessions import SessionManager
 from service.domain.tasks import TaskManager
 from service.engine.protocol import EngineClient
 
 from .interceptors import AuthInterceptor, ObserveInterceptor
+from .servicers.chat import ChatServicer
 from .servicers.completions import CompletionServicer
 from .servicers.models import ModelServicer
 from .servicers.predictions import PredictionServicer
@@ -53,6 +56,8 @@ class Services:
     completions: Completions
     tasks: TaskManager
     predictions: PredictionManager
+    chat: ChatCompletions
+    sessions: SessionManager
 
 
 @dataclass(frozen=True)
@@ -93,8 +98,7 @@ SERVICES = (
         chat_pb2.DESCRIPTOR.services_by_name["ChatService"],
         chat_pb2_grpc.add_ChatServiceServicer_to_server,
         chat_pb2_grpc.ChatServiceServicer,
-        None,
-        "chat is planned with the streaming chat APIs",
+        lambda s: ChatServicer(s.chat, s.sessions, s.tasks),
     ),
 )
 

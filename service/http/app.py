@@ -1,6 +1,7 @@
-"""The HTTP application: health, the OpenAI model list, and the dialects' routers behind bearer auth.
+"""The HTTP application: health and the dialects' routers behind bearer auth.
 
-Mounted: the RWKV-Server Task API (rwkv_tasks) and the Replicate / RockAI predictions API (replicate).
+Mounted: the RWKV-Server Task API (rwkv_tasks), the Replicate / RockAI predictions API (replicate) and
+the OpenAI API (openai).
 Readiness is shared with the gRPC health service through `Readiness`, so one SIGTERM flips both.
 """
 
@@ -12,11 +13,13 @@ from dataclasses import dataclass
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse
 
+from service.domain.chat import ChatCompletions
+from service.domain.completions import Completions
 from service.domain.predictions import PredictionManager
 from service.domain.tasks import TaskManager
 from service.engine.protocol import EngineClient
 
-from . import replicate, rwkv_tasks
+from . import openai, replicate, rwkv_tasks
 from .auth import BearerAuth
 
 
@@ -30,6 +33,8 @@ def create_app(
     readiness: Readiness,
     tasks: TaskManager,
     predictions: PredictionManager,
+    chat: ChatCompletions,
+    completions: Completions,
     public_url: str | None = None,
     api_keys: Sequence[str] = (),
 ) -> FastAPI:
@@ -37,6 +42,7 @@ def create_app(
     app.add_middleware(BearerAuth, keys=api_keys)
     app.include_router(rwkv_tasks.create_router(tasks))
     app.include_router(replicate.create_router(predictions, engine, public_url))
+    app.include_router(openai.create_router(engine, chat, completions))
 
     @app.get("/health/live")
     async def live() -> dict[str, str]:
@@ -47,13 +53,5 @@ def create_app(
         if readiness.ready:
             return JSONResponse({"status": "ready", "model": engine.model.id})
         return JSONResponse({"status": "not ready"}, status_code=503)
-
-    @app.get("/v1/models")
-    async def list_models() -> dict[str, object]:
-        m = engine.model
-        return {
-            "object": "list",
-            "data": [{"id": m.id, "object": "model", "created": int(m.load_time), "owned_by": m.id.split("/")[0]}],
-        }
 
     return app

@@ -347,6 +347,12 @@ def _timestamp(unix: float | None) -> str | None:
 def _model_json(model: ModelInfo, base_url: str) -> dict[str, Any]:
     owner, _, name = model.id.partition("/")
     return {
+        # OpenAI's model fields too: its SDK retrieves "owner/name" by this same path (the slash is decoded
+        # before routing), and neither client objects to the other's fields.
+        "id": model.id,
+        "object": "model",
+        "created": int(model.load_time),
+        "owned_by": owner,
         "url": f"{base_url}/v1/models/{model.id}",
         "owner": owner,
         "name": name,

@@ -31,6 +31,10 @@ class HttpServer:
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=max(1, int(grace_seconds)),
+            # Idle keep-alive connections stay open this long. uvicorn's 5 s default is shorter than the idle
+            # time clients and load balancers assume (60-75 s), so a pooled connection reused after a pause
+            # would hit a socket the server just closed.
+            timeout_keep_alive=75,
         )
         self._server = _EmbeddedServer(config)
         self._task: asyncio.Task[None] | None = None

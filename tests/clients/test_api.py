@@ -47,6 +47,18 @@ def test_task_handles_have_the_same_operations() -> None:
         assert sync.__doc__ == asynchronous.__doc__
 
 
+def test_chat_session_handles_have_the_same_operations() -> None:
+    names = public_methods(rwkvd.AsyncChatSession)
+    assert names == public_methods(rwkvd.ChatSession)
+    assert names == {"open", "close", "send", "ask", "cancel", "refresh", "export"}
+    for name in names:
+        sync, asynchronous = getattr(rwkvd.ChatSession, name), getattr(rwkvd.AsyncChatSession, name)
+        parameters = inspect.signature(sync).parameters
+        assert list(parameters.values())[1:] == list(inspect.signature(asynchronous).parameters.values())[1:], name
+        assert sync.__doc__ == asynchronous.__doc__, name
+    assert inspect.signature(rwkvd.Client.chat).return_annotation == "ChatSession"
+
+
 def test_streams_are_generators_that_start_on_first_use() -> None:
     client = rwkvd.Client("127.0.0.1:1", max_attempts=1)
     try:

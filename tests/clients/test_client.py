@@ -124,14 +124,15 @@ async def test_unknown_model_is_not_found(server: Server) -> None:
     assert by_id.value.reason
 
 
-async def test_unbuilt_services_are_unimplemented_through_raw_stubs(server: Server) -> None:
+async def test_raw_stubs_raise_typed_errors(server: Server) -> None:
     async with rwkvd.AsyncClient(server.target) as client:
-        with pytest.raises(rwkvd.Unimplemented) as unary:
+        with pytest.raises(rwkvd.NotFound) as unary:
             await client.call(lambda s: s.chat.GetSession(chat_pb2.GetSessionRequest(session_id="x")))
-        with pytest.raises(rwkvd.Unimplemented) as streaming:
+        with pytest.raises(rwkvd.InvalidArgument) as streaming:
             async for _ in client.call_stream(lambda s: s.chat.CompleteStream(chat_pb2.CompleteStreamRequest())):
                 pass
-    assert unary.value.reason == streaming.value.reason == "NOT_IMPLEMENTED"
+    assert (unary.value.reason, unary.value.resource) == ("SESSION_NOT_FOUND", ("session", "x"))
+    assert [v.field for v in streaming.value.field_violations] == ["messages"]
 
 
 async def test_per_call_timeout_raises_deadline_exceeded(stalling_target: str) -> None:

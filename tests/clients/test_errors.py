@@ -11,7 +11,7 @@ import rwkvd
 from google.protobuf import any_pb2, duration_pb2
 from google.protobuf.message import Message
 from google.rpc import error_details_pb2, status_pb2
-from rwkvd.errors import DETAILS_KEY, FieldViolation, from_rpc_error
+from rwkvd.errors import DETAILS_KEY, FieldViolation, from_rpc_error, from_status
 from rwkvd.v1 import common_pb2, completions_pb2, completions_pb2_grpc
 
 from tests.clients.conftest import Server
@@ -55,6 +55,25 @@ async def test_every_detail_is_decoded() -> None:
     assert error.retry_delay == 1.5
     assert error.resource == ("model", "local/x")
     assert str(error) == "RESOURCE_EXHAUSTED [QUEUE_FULL]: why"
+
+
+async def test_an_in_band_status_is_decoded_the_same_way() -> None:
+    # A failed turn of a chat session comes as a google.rpc.Status inside a stream message, not as trailers.
+    info, bad = any_pb2.Any(), any_pb2.Any()
+    info.Pack(error_details_pb2.ErrorInfo(reason="TURN_RUNNING", domain="rwkvd"))
+    bad.Pack(error_details_pb2.BadRequest(field_violations=[{"field": "sampling.top_p", "description": "no"}]))
+    status = status_pb2.Status(code=grpc.StatusCode.FAILED_PRECONDITION.value[0], message="busy", details=[info, bad])
+    error = from_status(status)
+    assert type(error) is rwkvd.FailedPrecondition
+    assert (error.code, error.message, error.reason, error.domain) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "busy",
+        "TURN_RUNNING",
+        "rwkvd",
+    )
+    assert error.field_violations == [FieldViolation("sampling.top_p", "no")]
+    unknown = from_status(status_pb2.Status(code=99, message="?"))
+    assert (type(unknown), unknown.code) == (rwkvd.RwkvdError, grpc.StatusCode.UNKNOWN)
 
 
 async def test_errors_pickle_whole() -> None:

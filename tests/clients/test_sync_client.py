@@ -43,10 +43,10 @@ async def test_typed_errors(server: Server) -> None:
                 client.complete("x", temperature=9)
             with pytest.raises(rwkvd.NotFound):
                 list(client.complete_stream("x", model="nope/x"))
-            with pytest.raises(rwkvd.Unimplemented) as unimplemented:
+            with pytest.raises(rwkvd.NotFound) as not_found:
                 client.call(lambda s: s.chat.GetSession(chat_pb2.GetSessionRequest(session_id="x")))
         assert [v.field for v in invalid.value.field_violations] == ["sampling.temperature"]
-        assert unimplemented.value.reason == "NOT_IMPLEMENTED"
+        assert not_found.value.reason == "SESSION_NOT_FOUND"
 
     await asyncio.to_thread(run)
 

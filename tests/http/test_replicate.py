@@ -333,13 +333,19 @@ async def test_chunks_never_start_like_a_url(app: App, client: replicate.Client,
 
 async def test_queue_full_is_429_with_retry_after() -> None:
     async with (
-        running_app(**{"engine.max_queued": 0, "public_url": "https://rwkv.example/"}) as app,
+        running_app(
+            **{"engine.max_batch_size": 1, "engine.max_queued": 0, "public_url": "https://rwkv.example/"}
+        ) as app,
         httpx.AsyncClient(base_url=http_base(app)) as http,
     ):
+        long = {"prompt": "x", "max_tokens": 40000, "min_tokens": 39999}
+        busy = (await http.post(f"/v1/models/{DEMO}/predictions", json={"input": long})).json()  # the only slot
         reply = await http.post(f"/v1/models/{DEMO}/predictions", json={"input": short()})
         assert reply.status_code == 429
         assert int(reply.headers["retry-after"]) >= 1
         assert reply.json()["status"] == 429
-        assert (await http.get("/v1/predictions")).json()["results"] == []  # nothing was stored
+        listed = (await http.get("/v1/predictions")).json()["results"]
+        assert [p["id"] for p in listed] == [busy["id"]]  # the refused one was never stored
+        await http.post(f"/v1/predictions/{busy['id']}/cancel")
         model = (await http.get(f"/v1/models/{DEMO}")).json()
         assert model["url"] == f"https://rwkv.example/v1/models/{DEMO}"  # the configured public URL wins

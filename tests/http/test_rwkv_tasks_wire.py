@@ -338,10 +338,13 @@ async def test_stop_returns_task_info(client: httpx.AsyncClient) -> None:
 
 
 async def test_queue_full_is_429_with_retry_after() -> None:
-    settings = {**ONE_THREAD, "engine.max_queued": 0}
+    settings = {**ONE_THREAD, "engine.max_batch_size": 1, "engine.max_queued": 0}
     async with running_app(**settings) as full, httpx.AsyncClient(base_url=http_base(full)) as c:
+        busy = await c.post("/v1/tasks/tmp", json={"prompt": "Hello", "max_tokens": 40000})  # holds the only slot
+        assert busy.status_code == 200
         reply = await c.post("/v1/tasks/tmp", json={"prompt": "Hello"})
         streamed = await c.post("/v1/tasks/tmp", json={"prompt": "Hello", "stream": True})
+        await c.post(f"/v1/tasks/{busy.json()['task_id']}/stop", json={})
     for r in (reply, streamed):
         assert r.status_code == 429
         assert r.headers["retry-after"] == "1"
