@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from .progress import Progress
+
 # Per-layer keys of an x070 block. v0/v1/v2 (value-residual LoRA) are unused in layer 0, where released
 # files omit them and trainer output has them; both are accepted.
 _ATT_VECTORS = ("x_r", "x_w", "x_k", "x_v", "x_a", "x_g", "w0", "a0", "k_k", "k_a")
@@ -81,11 +83,17 @@ class Checkpoint:
         return _FLOAT_DTYPES[self.dtype]
 
 
+def tensor_count(n_layer: int, layer0_value_lora: bool = False) -> int:
+    """Tensors in an x070 checkpoint of n_layer layers."""
+    return len(_TOP_KEYS) + n_layer * len(_LAYER_KEYS) + len(_VALUE_LORA) * (n_layer - 1 + layer0_value_lora)
+
+
 def file_sha256(path: Path, chunk: int = 1 << 24) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with path.open("rb") as f, Progress("hashing checkpoint", path.stat().st_size, "B") as progress:
         while block := f.read(chunk):
             digest.update(block)
+            progress.advance(len(block))
     return digest.hexdigest()
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import secrets
 import threading
@@ -19,9 +20,17 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import TypeVar
 
-from service.errors import AlreadyExists, FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from service.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    RwkvdError,
+    Unavailable,
+)
 
 from .config import EngineConfig
+from .observer import EngineObserver, RequestSample, StepSample
 from .protocol import EngineStats, FinishReason, GenerationRequest, StateRef, TokenEvent, check_sampling
 from .runner import Runner
 from .scheduler import Scheduler, StepPlan
@@ -49,6 +58,8 @@ class Engine:
         self.steps = 0
         # Cumulative seconds per phase of the step loop (read by benchmarks and metrics).
         self._clock = {"schedule": 0.0, "forward": 0.0, "sample": 0.0, "postprocess": 0.0, "deliver": 0.0}
+        # Set once before serving (metrics, request log, traces); called in the engine thread.
+        self.observer: EngineObserver | None = None
 
     # Methods up to validate may be called from any thread; those after it run in the engine thread.
 
@@ -63,8 +74,18 @@ class Engine:
     def model_version(self) -> str:
         return self._runner.model_version
 
-    def submit(self, request: GenerationRequest, sink: Sink) -> None:
-        """Queues a request; raises at once if it is invalid or the engine is full or stopping."""
+    def submit(self, request: GenerationRequest, sink: Sink, api: str = "internal") -> None:
+        """Queues a request; raises at once if it is invalid or the engine is full or stopping.
+
+        `api` labels the request for the observer (the front end it came through)."""
+        try:
+            self._submit(request, sink, api)
+        except RwkvdError as exc:
+            if self.observer is not None:
+                self.observer.on_rejected(api, exc.kind.name.lower())
+            raise
+
+    def _submit(self, request: GenerationRequest, sink: Sink, api: str) -> None:
         self.validate(request)
         start = request.start_state
         assert start is None or isinstance(start, StateSnapshot)
@@ -75,6 +96,10 @@ class Engine:
         else:
             seed = secrets.randbits(63)
         seq = Sequence(request, sink, self._tokenizer, seed)
+        seq.api = api
+        observer = self.observer
+        if observer is not None and observer.wants_origin:
+            seq.origin = contextvars.copy_context()  # submit runs in the caller's context
         with self._cv:
             if self._stopping:
                 raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING", retry_after=1.0)
@@ -224,6 +249,7 @@ class Engine:
 
     def _step(self, plan: StepPlan) -> None:
         step_start = time.monotonic()
+        started = time.perf_counter()
         try:
             result = self._runner.execute(plan)
         except Exception as exc:  # the step is lost; its rows' states may be half-updated
@@ -237,15 +263,27 @@ class Engine:
         post_start = time.perf_counter()
         now = time.monotonic()
         sampled = dict(zip(result.sample_rows, range(len(result.sample_rows)), strict=True))
+        # For the observer: a few list appends per row, handed over once after the loop.
+        tokens = prefill_tokens = 0
+        first_tokens: list[tuple[str, float]] = []
+        gaps: list[tuple[str, float]] = []
         for i, row in enumerate(plan.rows):
             seq = row.seq
             try:
+                tokens += row.end - row.start
+                if seq.phase is Phase.PREFILL:
+                    prefill_tokens += row.end - row.start
                 seq.mark_read(row.end, step_start, now)
                 if row.end in seq.cache_points:
                     self._runner.cache_prefix(seq)
                 j = sampled.get(i)
                 if j is not None:
+                    last = seq.clock.last_token
                     seq.on_token(result.sampled.tokens[j], result.sampled.logprobs[j], now)
+                    if last is None:
+                        first_tokens.append((seq.api, now - seq.clock.arrival))
+                    else:
+                        gaps.append((seq.api, now - last))
                 if seq.finish_reason is not None:
                     self._finish(seq, seq.finish_reason)
                 elif seq.params.max_tokens == 0 and seq.fed >= seq.target:
@@ -253,7 +291,21 @@ class Engine:
             except Exception as exc:  # this request alone fails
                 log.exception("request %s failed after a step", seq.id)
                 self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
-        self._clock["postprocess"] += time.perf_counter() - post_start
+        ended = time.perf_counter()
+        if self.observer is not None:
+            self.observer.on_step(
+                StepSample(
+                    rows=len(plan.rows),
+                    prefill_tokens=prefill_tokens,
+                    decode_tokens=tokens - prefill_tokens,
+                    seconds=ended - started,
+                    forward_seconds=result.forward_seconds,
+                    sample_seconds=result.sample_seconds,
+                    first_tokens=first_tokens,
+                    token_gaps=gaps,
+                )
+            )
+        self._clock["postprocess"] += time.perf_counter() - post_start  # the observer's share included
 
     def _abort(self, request_id: str) -> None:
         seq = self._scheduler.by_id.get(request_id)
@@ -273,11 +325,30 @@ class Engine:
                     state = self._runner.snapshot(seq)
                 self._runner.cache_prefix(seq)
             self._runner.release(seq)
-        seq.outbox.append(seq.finished_event(reason, state, error))
+        finished = seq.finished_event(reason, state, error)
+        seq.outbox.append(finished)
         self._scheduler.remove(seq)
         self._finished_seqs.append(seq)
         with self._cv:
             self._live.discard(seq.id)
+        if self.observer is not None:
+            c = seq.clock
+            self.observer.on_request_end(
+                RequestSample(
+                    request_id=seq.id,
+                    api=seq.api,
+                    reason=reason,
+                    usage=finished.usage,
+                    arrival=c.arrival,
+                    prefill_start=c.prefill_start,
+                    prefill_end=c.prefill_end,
+                    first_token=c.first_token,
+                    last_token=c.last_token,
+                    end=time.monotonic(),
+                    error=error,
+                    origin=seq.origin,
+                )
+            )
 
     def _deliver(self) -> None:
         """One callback per event loop with every event of this iteration."""

@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint import ModelShape
+from .checkpoint import ModelShape, tensor_count
+from .progress import Progress
 
 # Released RWKV-7 sizes: (n_layer, n_embd, LoRA ranks decay/aaa/mv/gate).
 RELEASED_SHAPES: dict[str, tuple[int, int, tuple[int, int, int, int]]] = {
@@ -91,11 +92,13 @@ def generate_state_dict(
     L, C, H, N = shape.n_layer, shape.n_embd, shape.n_head, shape.head_size
     V, F = shape.vocab_size, shape.ffn_dim
     out: dict[str, torch.Tensor] = {}
+    progress = Progress("generating weights", tensor_count(L, layer0_value_lora))
 
     def put(key: str, make: Callable[[torch.Generator], torch.Tensor]) -> None:
         g = torch.Generator(device=dev)
         g.manual_seed((seed * 1_000_003 + zlib.crc32(key.encode())) % (1 << 63))
         out[key] = make(g).to(dtype).contiguous()
+        progress.advance(1, out[key].nbytes)
 
     def uniform(*size: int, scale: float) -> Callable[[torch.Generator], torch.Tensor]:
         return lambda g: (torch.rand(size, generator=g, device=dev) * 2 - 1) * scale
@@ -158,6 +161,7 @@ def generate_state_dict(
     put("ln_out.weight", near(ones, 0.1))
     put("ln_out.bias", uniform(C, scale=0.1))
     put("head.weight", normal(V, C, std=1.5 / math.sqrt(C)))
+    progress.close()
     return out
 
 

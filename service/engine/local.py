@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections import deque
@@ -27,6 +28,7 @@ from .config import EngineConfig
 from .engine import Engine
 from .generator import DEMO_SEED, demo_shape, generate_state_dict, state_dict_sha256
 from .model import TorchRwkv7
+from .observer import EngineObserver, ObserverGroup, request_api
 from .prefix_cache import PrefixCache
 from .protocol import Delta, EngineStats, Finished, GenerationRequest, ModelInfo, StateRef, TokenEvent
 from .runner import Runner
@@ -125,7 +127,8 @@ class LocalEngineClient:
 
     def generate(self, request: GenerationRequest) -> EventStream:
         sink = _QueueSink(asyncio.get_running_loop())
-        self._engine.submit(request, sink)  # raises here, before the caller has started anything
+        # raises here, before the caller has started anything; the API label comes from the caller's context
+        self._engine.submit(request, sink, request_api.get())
         return EventStream(self._engine, sink, request.request_id)
 
     def check(self, request: GenerationRequest) -> None:
@@ -160,6 +163,25 @@ class LocalEngineClient:
     def stats(self) -> EngineStats:
         return self._engine.stats()
 
+    def observe(self, observer: EngineObserver) -> None:
+        """Reports steps and request ends to `observer` from now on (set it before serving).
+
+        Always through an ObserverGroup, which contains an observer's errors: the engine thread calls
+        the observer unguarded."""
+        self._engine.observer = observer if isinstance(observer, ObserverGroup) else ObserverGroup([observer])
+
+    def device_memory(self) -> dict[str, int]:
+        """Bytes of device memory (allocated, reserved by torch's allocator, total) on CUDA; empty elsewhere."""
+        device = self._runner.device
+        if device.type != "cuda":
+            return {}
+        # Allocator counters are host-side reads: no sync with the engine thread's stream.
+        return {
+            "allocated": torch.cuda.memory_allocated(device),
+            "reserved": torch.cuda.memory_reserved(device),
+            "total": torch.cuda.get_device_properties(device).total_memory,
+        }
+
     def run(self) -> None:
         """The engine's step loop (build_engine runs it in the engine thread)."""
         self._engine.run()
@@ -193,12 +215,16 @@ def load_weights(config: EngineConfig) -> tuple[Checkpoint, str, bool]:
 
 
 def build_backend(config: EngineConfig, ckpt: Checkpoint) -> ModelBackend:
+    """torch anywhere; triton on CUDA (the default there), or on a CPU under TRITON_INTERPRET=1 (tests)."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if config.backend == "triton" or (config.backend == "auto" and device.type == "cuda"):
-        if config.backend == "triton":
-            raise ValueError("the triton backend is not built yet; use --backend torch")
-        log.info("triton backend not available yet; using torch on %s", device)
+        if device.type != "cuda" and not interpreted:
+            raise ValueError("the triton backend needs a CUDA device (or TRITON_INTERPRET=1 to test it on a CPU)")
+        from .triton_backend import TritonRwkv7  # imported only when used: triton is a GPU dependency
+
+        return TritonRwkv7(ckpt, device, dtype)
     return TorchRwkv7(ckpt, device, dtype)
 
 

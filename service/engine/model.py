@@ -17,6 +17,7 @@ from kernels.rwkv7 import wkv7_step, wkv7_varlen
 
 from .backend import StepBatch
 from .checkpoint import Checkpoint, ModelShape
+from .progress import Progress
 from .state_pool import StatePool
 
 LN_EPS = 1e-5
@@ -65,10 +66,14 @@ class TorchRwkv7:
         self.dtype = dtype
         t = checkpoint.tensors
         C = self.shape.n_embd
+        # Lazily loaded (mmap) files are read here, as tensors reach the device: the slow part of a load.
+        progress = Progress("loading weights", len(t))
 
         def w(key: str, *, fp32: bool = False) -> torch.Tensor:
+            progress.advance(1, t[key].nbytes)
             return t[key].squeeze().to(device=device, dtype=torch.float32 if fp32 else dtype).contiguous()
 
+        progress.advance(1, t["emb.weight"].nbytes)
         emb = t["emb.weight"].to(device=device, dtype=torch.float32)
         ln0_w, ln0_b = w("blocks.0.ln0.weight", fp32=True), w("blocks.0.ln0.bias", fp32=True)
         self.emb = F.layer_norm(emb, (C,), ln0_w, ln0_b, eps=LN_EPS).to(dtype).contiguous()  # [V, C]
@@ -111,6 +116,7 @@ class TorchRwkv7:
         self.ln_out_w = w("ln_out.weight")
         self.ln_out_b = w("ln_out.bias")
         self.head = w("head.weight")  # [V, C]
+        progress.close()
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pool: StatePool) -> torch.Tensor:
@@ -138,7 +144,7 @@ class TorchRwkv7:
                 v = v + (v_first - v) * torch.sigmoid(ly.v0 + (xv @ ly.v1) @ ly.v2)
             r3, k3, v3 = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
             iclr3 = iclr.view(T, H, N)
-            y = _wkv(pool.wkv[i], batch, r3, log_decay.view(T, H, N), k3, v3, -kk, kk * iclr3)  # [T, H, N] fp32
+            y = self._wkv(pool.wkv[i], batch, r3, log_decay.view(T, H, N), k3, v3, -kk, kk * iclr3)  # [T, H, N] fp32
             y = F.group_norm(y.view(T, C), H, ly.lnx_w, ly.lnx_b, eps=N * 1e-5).to(self.dtype)
             bonus = (r3 * k3 * ly.r_k).sum(-1, keepdim=True) * v3  # [T, H, N]
             x = x + F.linear((y + bonus.view(T, C)) * g, ly.w_o)
@@ -152,6 +158,27 @@ class TorchRwkv7:
         last = F.layer_norm(last, (C,), self.ln_out_w, self.ln_out_b, eps=LN_EPS)
         return F.linear(last, self.head).float()  # [R, V]
 
+    def _wkv(
+        self,
+        store: torch.Tensor,
+        batch: StepBatch,
+        r: torch.Tensor,
+        w: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+    ) -> torch.Tensor:
+        """WKV over the step's rows (the reference recurrence): gathers their states from `store`
+        [P, H, N, N], runs, writes them back. Kernel backends override this with in-place kernels."""
+        state = store.index_select(0, batch.slots)  # [B, H, N, N]
+        if batch.is_decode:
+            y = wkv7_step(state, r, w, k, v, a, b)
+        else:
+            y = wkv7_varlen(r, w, k, v, a, b, state, batch.lengths)
+        store.index_copy_(0, batch.slots, state)
+        return y
+
 
 def _token_shift(x: torch.Tensor, store: torch.Tensor, batch: StepBatch) -> torch.Tensor:
     """The previous token's x for every packed token, taking row starts from `store` [P, C]; stores row ends."""
@@ -164,23 +191,3 @@ def _token_shift(x: torch.Tensor, store: torch.Tensor, batch: StepBatch) -> torc
         prev[batch.starts] = from_state
     store.index_copy_(0, batch.slots, x.index_select(0, batch.ends))
     return prev
-
-
-def _wkv(
-    store: torch.Tensor,
-    batch: StepBatch,
-    r: torch.Tensor,
-    w: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-) -> torch.Tensor:
-    """WKV over the step's rows: gathers their states from `store` [P, H, N, N], runs, writes them back."""
-    state = store.index_select(0, batch.slots)  # [B, H, N, N]
-    if batch.is_decode:
-        y = wkv7_step(state, r, w, k, v, a, b)
-    else:
-        y = wkv7_varlen(r, w, k, v, a, b, state, batch.lengths)
-    store.index_copy_(0, batch.slots, state)
-    return y

@@ -9,6 +9,7 @@ Text is decoded here, at the engine's edge, UTF-8-safe and with stop strings hel
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import enum
 import time
 from collections.abc import Sequence as Seq
@@ -66,6 +67,9 @@ class Sequence:
         self.phase = Phase.WAITING
         self.clock = _Clock(arrival=time.monotonic())
         self.outbox: list[TokenEvent] = []
+        # For observers only: the front end it came through, and the submitting context when asked for.
+        self.api = "internal"
+        self.origin: contextvars.Context | None = None
         # Set at admission (runner.admit):
         self.slot: int | None = None
         self.feed: list[int] = []

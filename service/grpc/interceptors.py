@@ -1,7 +1,9 @@
-"""gRPC server interceptors: the error boundary with the access log, and bearer-token auth.
+"""gRPC server interceptors: the error boundary with the access log and call observation, and bearer-token auth.
 
 Interceptors only see the method name and metadata, so both work by wrapping the handler's behaviour
-while keeping its cardinality and (de)serializers.
+while keeping its cardinality and (de)serializers. Observation: each call runs with the API label
+"grpc" (engine requests it submits carry it), errors are counted by status, and an optional tracing
+interceptor goes around everything so the call's span sees the final status.
 """
 
 from __future__ import annotations
@@ -11,10 +13,12 @@ import hmac
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeAlias
 
 import grpc
 
+from service.engine.observer import request_api
 from service.errors import InternalError, RwkvdError, Unauthenticated
 
 from .calls import Context
@@ -47,11 +51,20 @@ def _rebuild(handler: Handler, unary: Callable[[Unary], Unary], streaming: Calla
     return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream), **kw)  # type: ignore[arg-type]
 
 
-class _Outcome:
-    """Maps what a handler raised to a status, and remembers the code for the access log."""
+@dataclass(frozen=True)
+class CallObserver:
+    """Where ObserveInterceptor reports: error counts (by status code name) and tracing around each call."""
 
-    def __init__(self, method: str) -> None:
+    count_error: Callable[[str], None] | None = None
+    tracing: grpc.aio.ServerInterceptor | None = None
+
+
+class _Outcome:
+    """Maps what a handler raised to a status, and remembers the code for the access log and metrics."""
+
+    def __init__(self, method: str, count_error: Callable[[str], None] | None) -> None:
         self.method = method
+        self._count_error = count_error
         self.code = "OK"
         self.started = time.perf_counter()
         self.messages = 0
@@ -74,20 +87,37 @@ class _Outcome:
     def log(self) -> None:
         ms = (time.perf_counter() - self.started) * 1e3
         access_log.info("grpc %s %s %.1fms messages=%d", self.method, self.code, ms, self.messages)
+        if self.code != "OK" and self._count_error is not None:
+            self._count_error(self.code)
 
 
 class ObserveInterceptor(grpc.aio.ServerInterceptor):
-    """The error boundary (domain errors -> status + details, bugs -> INTERNAL) and the access log."""
+    """The error boundary (domain errors -> status + details, bugs -> INTERNAL), the access log, observation."""
+
+    def __init__(self, observer: CallObserver | None = None) -> None:
+        self._observer = observer or CallObserver()
 
     async def intercept_service(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
+        tracing = self._observer.tracing
+        if tracing is None:
+            return await self._intercept(continuation, details)
+        # Tracing outside the boundary: its span is current in the handler, and aborts pass through it.
+        return await tracing.intercept_service(lambda d: self._intercept(continuation, d), details)
+
+    async def _intercept(self, continuation: Continuation, details: grpc.HandlerCallDetails) -> Handler | None:
         handler = await continuation(details)
         if handler is None:
             return None
         method = details.method
+        count_error = self._observer.count_error
+
+        # Each call runs in its own task, so the label set here dies with the call (and is inherited by
+        # the tasks it starts); it is not reset, since a generator's finally may run in another context.
 
         def unary(behavior: Unary) -> Unary:
             async def run(request: Any, context: Context) -> Any:
-                outcome = _Outcome(method)
+                outcome = _Outcome(method, count_error)
+                request_api.set("grpc")
                 try:
                     return await behavior(request, context)
                 except (Exception, asyncio.CancelledError) as exc:  # GeneratorExit passes through
@@ -99,7 +129,8 @@ class ObserveInterceptor(grpc.aio.ServerInterceptor):
 
         def streaming(behavior: Streaming) -> Streaming:
             async def run(request: Any, context: Context) -> AsyncIterator[Any]:
-                outcome = _Outcome(method)
+                outcome = _Outcome(method, count_error)
+                request_api.set("grpc")
                 try:
                     async for message in behavior(request, context):
                         outcome.messages += 1

@@ -1,8 +1,9 @@
 """Bearer-token auth for the HTTP API: the same keys as gRPC, with the exemptions real clients need.
 
-Exempt: health probes (kubelets send no credentials), GET /v1/models (the rwkv-api test suite's
-liveness probe), and prediction stream URLs (the RockAI SDK fetches them without a token; their
-ids are unguessable). A refusal is a 401 in the shape of the dialect the path belongs to.
+Exempt: health probes (kubelets send no credentials), GET /metrics (Prometheus scrapes from inside
+the cluster), GET /v1/models (the rwkv-api test suite's liveness probe), and prediction stream URLs
+(the RockAI SDK fetches them without a token; their ids are unguessable). A refusal is a 401 in the
+shape of the dialect the path belongs to.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 _EXEMPT = (
     re.compile(r"^/health/"),
+    re.compile(r"^/metrics$"),
     re.compile(r"^/v1/models/?$"),
     re.compile(r"^/v1/predictions/[^/]+/stream$"),
 )
