@@ -9,8 +9,11 @@ predictions record how they ended, pending webhooks get a moment, and the store 
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import os
 import signal
+from typing import TYPE_CHECKING
 
 from service.config import ServerConfig
 from service.domain.chat import ChatCompletions
@@ -20,18 +23,31 @@ from service.domain.sessions import SessionLimits, SessionManager
 from service.domain.tasks import TaskLimits, TaskManager
 from service.domain.webhooks import WebhookDelivery
 from service.engine.local import LocalEngineClient, build_engine
+from service.engine.observer import EngineObserver, ObserverGroup
+from service.grpc.interceptors import CallObserver
 from service.grpc.server import GrpcServer, Services
 from service.http import replicate
 from service.http.app import Readiness, create_app
-from service.http.server import HttpServer
+from service.http.limits import HttpLimits
+from service.http.server import HttpServer, TlsFiles
+from service.metrics import Metrics
+from service.request_log import RequestLog
 from service.store.sqlite import Store
+from service.tracing import Tracing, build_tracing, tracing_wanted
+
+if TYPE_CHECKING:
+    from opentelemetry.trace import TracerProvider
 
 log = logging.getLogger("rwkvd")
 
 
 class App:
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, tracer_provider: TracerProvider | None = None) -> None:
+        """`tracer_provider` turns tracing on with that provider (tests); otherwise --otel and OTEL_* decide."""
         self.config = config
+        self._tracer_provider = tracer_provider
+        self.metrics: Metrics | None = None
+        self.tracing: Tracing | None = None
         self.readiness = Readiness()
         self.engine: LocalEngineClient | None = None
         self.store: Store | None = None
@@ -48,6 +64,13 @@ class App:
         # Build in a worker thread: loading takes a while, and the engine thread does all torch work.
         self.engine = await asyncio.to_thread(build_engine, cfg.engine)
         try:
+            metrics = self.metrics = Metrics(self.engine)
+            wanted = tracing_wanted(cfg.otel, os.environ)
+            tracing = self.tracing = build_tracing(wanted, os.environ, self._tracer_provider)
+            observers: list[EngineObserver] = [metrics, RequestLog(self.engine.model.id)]
+            if tracing is not None:
+                observers.append(tracing)
+            self.engine.observe(ObserverGroup(observers))
             self.store = await Store.open(cfg.data_dir)
             self.tasks = TaskManager(self.engine, self.store, TaskLimits(max_temporary=cfg.max_temporary_tasks))
             await self.tasks.start()
@@ -63,6 +86,10 @@ class App:
                 predictions=self.predictions,
                 chat=chat,
                 sessions=sessions,
+                observe=CallObserver(
+                    count_error=functools.partial(metrics.count_error, "grpc"),
+                    tracing=tracing.grpc_interceptor() if tracing else None,
+                ),
             )
             self.grpc = GrpcServer(cfg, services)
             await self.grpc.start()
@@ -76,10 +103,15 @@ class App:
                     completions,
                     cfg.public_url,
                     cfg.api_keys,
+                    metrics=metrics,
+                    tracing=tracing,
                 )
-                self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds)
+                limits = HttpLimits(cfg.max_request_bytes, cfg.http_max_concurrency)
+                tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
+                self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds, limits, tls)
                 await self.http.start()
-                self.base_url = cfg.public_url or f"http://{_reachable(cfg.host)}:{self.http.port}"
+                scheme = "https" if tls else "http"
+                self.base_url = cfg.public_url or f"{scheme}://{_reachable(cfg.host)}:{self.http.port}"
         except BaseException:  # a port in use, say: stop what started, then report
             await self._stop_all(grace=0)
             raise
@@ -112,6 +144,8 @@ class App:
             await self.webhooks.close()
         if self.store is not None:
             await self.store.close()
+        if self.tracing is not None:
+            await asyncio.to_thread(self.tracing.shutdown)  # the engine's last spans are in by now
 
     async def run(self) -> None:
         """Starts, serves until SIGTERM or SIGINT, then shuts down in order."""

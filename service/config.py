@@ -29,6 +29,9 @@ class ServerConfig:
     grace_seconds: float = 30.0
     log_level: str = "info"
     log_format: str = "text"  # text | json
+    # OpenTelemetry tracing (also on when OTEL_TRACES_EXPORTER is set); exporter settings from OTEL_* variables.
+    otel: bool = False
+    # Largest gRPC message sent (ExportSession returns a whole state); received ones: max_request_bytes.
     grpc_max_message_bytes: int = 64 * 1024 * 1024
     grpc_keepalive_seconds: float = 30.0
     grpc_max_concurrent_rpcs: int = 10_000
@@ -41,6 +44,15 @@ class ServerConfig:
     session_idle_seconds: float = 1800.0
     # Base of the absolute URLs in prediction objects (urls.get/stream/cancel); None = the request's host.
     public_url: str | None = None
+    # TLS on both ports when cert and key (PEM files) are given; a client CA also requires client certificates.
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_client_ca: str | None = None
+    # Largest request accepted: an HTTP body (413 beyond) and a received gRPC message (RESOURCE_EXHAUSTED).
+    # 64 MiB because ImportSession carries a whole RNN state (a 7.2B model's fp32 state is ~35 MB).
+    max_request_bytes: int = 64 * 1024 * 1024
+    # HTTP requests handled at once (streams included; health and metrics exempt); beyond: 429 + Retry-After.
+    http_max_concurrency: int = 4096
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -63,6 +75,12 @@ class ServerConfig:
             problems.append("session_idle_seconds must be positive")
         if any(not k for k in self.api_keys):
             problems.append("api keys must not be empty")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("tls_cert and tls_key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("tls_client_ca needs tls_cert and tls_key")
+        if self.max_request_bytes < 1024 or self.http_max_concurrency < 1 or self.grpc_max_concurrent_rpcs < 1:
+            problems.append("max_request_bytes must be >= 1024, http_max_concurrency and grpc_max_concurrent_rpcs >= 1")
         if problems:
             raise ValueError("; ".join(problems))
 
@@ -73,6 +91,13 @@ def _optional_int(text: str) -> int | None:
 
 def _optional_str(text: str) -> str | None:
     return text or None
+
+
+def _bool(text: str) -> bool:
+    value = text.strip().lower()
+    if value not in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+        raise ValueError(f"{text!r} is not a boolean (true/false)")
+    return value in ("1", "true", "yes", "on")
 
 
 @dataclass(frozen=True)
@@ -102,6 +127,7 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--prefill-chunk", "engine.prefill_chunk", int, "prompt tokens of one request read per step"),
     _Option("--max-queued", "engine.max_queued", int, "requests waiting for a slot before refusing more"),
     _Option("--max-prompt-tokens", "engine.max_prompt_tokens", int, "longest prompt accepted, in tokens"),
+    _Option("--max-new-tokens", "engine.max_new_tokens", int, "largest max_tokens a request may ask for"),
     _Option("--prefix-cache-entries", "engine.prefix_cache_entries", int, "prefix-state cache entries (0 = off)"),
     _Option("--threads", "engine.threads", _optional_int, "torch CPU threads"),
     _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
@@ -112,6 +138,15 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--grace-seconds", "grace_seconds", float, "on SIGTERM: time in-flight calls get to finish"),
     _Option("--log-level", "log_level", str, "debug, info, warning or error"),
     _Option("--log-format", "log_format", str, "text or json"),
+    _Option("--otel", "otel", _bool, "OpenTelemetry tracing: true or false (exporter from OTEL_* variables)"),
+    _Option("--tls-cert", "tls_cert", _optional_str, "PEM certificate (chain): TLS on both ports, with --tls-key"),
+    _Option("--tls-key", "tls_key", _optional_str, "PEM private key of --tls-cert"),
+    _Option("--tls-client-ca", "tls_client_ca", _optional_str, "PEM CA bundle: require client certificates (mTLS)"),
+    _Option("--max-request-bytes", "max_request_bytes", int, "largest HTTP body / received gRPC message"),
+    _Option("--http-max-concurrency", "http_max_concurrency", int, "HTTP requests at once; beyond: 429"),
+    _Option(
+        "--grpc-max-concurrent-rpcs", "grpc_max_concurrent_rpcs", int, "gRPC calls at once; beyond: RESOURCE_EXHAUSTED"
+    ),
 )
 
 

@@ -32,7 +32,7 @@ from service.engine.protocol import (
     TokenStream,
     Usage,
 )
-from service.errors import InternalError, InvalidArgument
+from service.errors import FieldViolation, InternalError, InvalidArgument
 
 from .models import resolve_model
 from .prompts import ASSISTANT_OPEN, CHAT_STOPS, render_turn
@@ -147,7 +147,10 @@ class ChatCompletions:
                 points.append(len(prompt))  # end of the instructions: shared by every conversation using them
         points.append(len(prompt))  # end of the messages: the next turn of this conversation starts with them
         prompt += tokenizer.encode(ASSISTANT_OPEN)
-        self._engine.check(GenerationRequest("check", tuple(prompt), params))  # refuse now, not mid-stream
+        try:
+            self._engine.check(GenerationRequest("check", tuple(prompt), params))  # refuse now, not mid-stream
+        except InvalidArgument as exc:
+            raise prompt_as(exc, "messages") from None
         return PreparedChat(
             id=f"chatcmpl-{uuid.uuid4().hex}",
             model=model.id,
@@ -243,6 +246,15 @@ class ChatCompletions:
     def _choice_params(params: SamplingParams, index: int) -> SamplingParams:
         """A distinct random stream per choice: seed + index when a seed is given, else each its own."""
         return params if params.seed is None else replace(params, seed=(params.seed + index) % 2**64)
+
+
+def prompt_as(error: InvalidArgument, field: str) -> InvalidArgument:
+    """The engine's error about its token prompt ("prompt"), naming instead the request field the prompt was made
+    from (a chat's messages, a session's history or turn); other violations are kept as they are."""
+    if not any(v.field == "prompt" for v in error.violations):
+        return error
+    renamed = [FieldViolation(field, v.description) if v.field == "prompt" else v for v in error.violations]
+    return InvalidArgument.for_fields(renamed, reason=error.reason)
 
 
 def chat_usage(chat: PreparedChat, started: Started | None, ends: Iterable[Finished]) -> Usage:

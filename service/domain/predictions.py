@@ -226,11 +226,11 @@ class PredictionManager:
         )
         try:
             stream = self._engine.generate(request)  # raises (queue full, bad input) before anything is stored
-        except InvalidArgument as exc:  # the engine names its own fields ("prompt"); the client wrote input.*
+        except InvalidArgument as exc:  # the engine names its fields ("prompt", "sampling.x"); the client wrote input.*
             if not exc.violations:
                 raise
             raise InvalidArgument.for_fields(
-                [FieldViolation(f"input.{v.field}", v.description) for v in exc.violations], reason=exc.reason
+                [FieldViolation(_input_field(v.field), v.description) for v in exc.violations], reason=exc.reason
             ) from exc
         prediction.request_id = request.request_id
         self._memory[prediction.id] = prediction
@@ -361,6 +361,13 @@ class PredictionManager:
         finished = [k for k, p in self._memory.items() if p.status.terminal]
         for key in finished[: max(0, len(self._memory) - self._keep)]:
             del self._memory[key]
+
+
+def _input_field(engine_field: str) -> str:
+    """An engine field as the input a client wrote: "prompt" -> "input.prompt", "sampling.max_tokens" ->
+    "input.max_tokens" (refused by the engine's own limit, e.g. --max-new-tokens)."""
+    name = engine_field.removeprefix("sampling.")
+    return f"input.{_INPUT_NAMES.get(name, name)}"
 
 
 def _done_data(status: PredictionStatus) -> str:

@@ -28,7 +28,7 @@ from service.engine.protocol import (
 )
 from service.errors import FailedPrecondition, InvalidArgument, NotFound
 
-from .chat import CHAT_DEFAULTS, ChatMessage
+from .chat import CHAT_DEFAULTS, ChatMessage, prompt_as
 from .models import resolve_model
 from .prompts import ASSISTANT_OPEN, render_turn, turn_content
 from .sampling import NO_OVERRIDES, SamplingOverrides
@@ -143,16 +143,19 @@ class SessionManager:
         params = overrides.over(session.defaults).resolve(self._defaults)
         prompt = self._engine.tokenizer.encode(session.tail.opening(content))
         request_id = f"{session.id}#{session.turns + 1}"
-        events = self._engine.generate(
-            GenerationRequest(
-                request_id=request_id,
-                prompt=tuple(prompt),
-                sampling=params,
-                start_state=session.state,
-                keep_state=True,
-                use_prefix_cache=session.state is None,
+        try:
+            events = self._engine.generate(
+                GenerationRequest(
+                    request_id=request_id,
+                    prompt=tuple(prompt),
+                    sampling=params,
+                    start_state=session.state,
+                    keep_state=True,
+                    use_prefix_cache=session.state is None,
+                )
             )
-        )
+        except InvalidArgument as exc:
+            raise prompt_as(exc, "content") from None  # the turn's text, not an engine prompt the client never saw
         session.turn_request = request_id
         session.last_used = time.time()
         return Turn(session, request_id, len(prompt), events)
@@ -230,7 +233,11 @@ class SessionManager:
             keep_state=True,
             use_prefix_cache=session.state is None,
         )
-        async for event in self._engine.generate(request):
+        try:
+            events = self._engine.generate(request)
+        except InvalidArgument as exc:
+            raise prompt_as(exc, "history") from None
+        async for event in events:
             if isinstance(event, Finished):
                 if event.state is None:
                     raise InvalidArgument.for_field("history", event.error or "could not be read")

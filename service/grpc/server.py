@@ -1,7 +1,9 @@
-"""The gRPC aio server: channel options, interceptors, servicers, health (per service) and reflection.
+"""The gRPC aio server: channel options, TLS, interceptors, servicers, health (per service) and reflection.
 
 Health names: "" is the process (liveness: SERVING until exit); "rwkvd" is readiness (SERVING while
 the engine is loaded and the server is not draining); each public service has its own status.
+Limits: received messages above max_request_bytes and calls beyond grpc_max_concurrent_rpcs are refused
+with RESOURCE_EXHAUSTED by gRPC itself, before any servicer runs.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -36,7 +39,7 @@ from service.domain.sessions import SessionManager
 from service.domain.tasks import TaskManager
 from service.engine.protocol import EngineClient
 
-from .interceptors import AuthInterceptor, ObserveInterceptor
+from .interceptors import AuthInterceptor, CallObserver, ObserveInterceptor
 from .servicers.chat import ChatServicer
 from .servicers.completions import CompletionServicer
 from .servicers.models import ModelServicer
@@ -58,6 +61,7 @@ class Services:
     predictions: PredictionManager
     chat: ChatCompletions
     sessions: SessionManager
+    observe: CallObserver | None = None  # metrics and tracing of calls
 
 
 @dataclass(frozen=True)
@@ -109,7 +113,7 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
         # gRPC turns SO_REUSEPORT on by default: a second server on the same port would silently take
         # half the traffic. Off, a second bind fails loudly.
         ("grpc.so_reuseport", 0),
-        ("grpc.max_receive_message_length", config.grpc_max_message_bytes),
+        ("grpc.max_receive_message_length", config.max_request_bytes),
         ("grpc.max_send_message_length", config.grpc_max_message_bytes),
         ("grpc.keepalive_time_ms", keepalive_ms),
         ("grpc.keepalive_timeout_ms", 10_000),
@@ -125,11 +129,23 @@ def server_options(config: ServerConfig) -> list[tuple[str, int]]:
     return options
 
 
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS from --tls-cert/--tls-key (PEM files), read now so a bad path fails the start; None = plaintext.
+
+    With --tls-client-ca, clients must present a certificate that CA signed (mutual TLS).
+    """
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    pair = (Path(config.tls_key).read_bytes(), Path(config.tls_cert).read_bytes())
+    client_ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=client_ca, require_client_auth=client_ca is not None)
+
+
 class GrpcServer:
     def __init__(self, config: ServerConfig, services: Services) -> None:
         self._config = config
         self._server = grpc.aio.server(
-            interceptors=[ObserveInterceptor(), AuthInterceptor(config.api_keys)],
+            interceptors=[ObserveInterceptor(services.observe), AuthInterceptor(config.api_keys)],
             options=server_options(config),
             maximum_concurrent_rpcs=config.grpc_max_concurrent_rpcs,
         )
@@ -151,10 +167,14 @@ class GrpcServer:
 
     async def start(self) -> int:
         address = f"{self._config.host}:{self._config.grpc_port}"
-        self.port = self._server.add_insecure_port(address)
+        credentials = server_credentials(self._config)
+        if credentials is None:
+            self.port = self._server.add_insecure_port(address)
+        else:
+            self.port = self._server.add_secure_port(address, credentials)
         await self._server.start()
         await self.set_ready(True)
-        log.info("gRPC listening on %s:%d", self._config.host, self.port)
+        log.info("gRPC listening on %s:%d%s", self._config.host, self.port, " (TLS)" if credentials else "")
         return self.port
 
     async def set_ready(self, ready: bool) -> None:

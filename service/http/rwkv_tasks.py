@@ -7,11 +7,14 @@ framing to and from service.domain.tasks; every decision about tasks is the Task
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, ConfigDict, Field
@@ -103,7 +106,8 @@ class TaskList(BaseModel):
 
 
 class _DomainErrorsRoute(APIRoute):
-    """A domain error answers its table status with RWKV-Server's body, {"detail": message}."""
+    """A domain error answers its table status with RWKV-Server's body, {"detail": message}; a malformed request
+    FastAPI's 422, {"detail": [{loc, msg, input, ...}]}."""
 
     def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
         handler = super().get_route_handler()
@@ -113,8 +117,23 @@ class _DomainErrorsRoute(APIRoute):
                 return await handler(request)
             except RwkvdError as exc:
                 return JSONResponse({"detail": exc.message}, status_code=status_of(exc), headers=headers_of(exc))
+            except RequestValidationError as exc:
+                # FastAPI's own answer echoes each bad input, and JSON cannot hold the NaN or Infinity a body
+                # may carry (Python's parser takes them): rendering those failed with a 500. Named as written.
+                return JSONResponse({"detail": _json_safe(jsonable_encoder(exc.errors()))}, status_code=422)
 
         return handle
+
+
+def _json_safe(value: Any) -> Any:
+    """The value with every non-finite float as the text a client wrote for it ("NaN", "Infinity", "-Infinity")."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 def create_router(tasks: TaskManager) -> APIRouter:
