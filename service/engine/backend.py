@@ -22,7 +22,7 @@ class StepBatch:
 
     tokens: [T] int64 token ids, row after row.
     slots: [B] int64 state slot of each row.
-    starts / ends: [B] int64 packed index of each row's first / last token.
+    starts / ends: [B] int64 packed index of each row's first / last token; cu_seqlens [B + 1] the starts and T.
     lengths: tokens per row (host ints, sum = T).
     logit_rows: [R] int64 rows whose last-token logits are wanted (R may be 0).
     """
@@ -31,6 +31,7 @@ class StepBatch:
     slots: torch.Tensor
     starts: torch.Tensor
     ends: torch.Tensor
+    cu_seqlens: torch.Tensor  # [B + 1] int64: starts, then T
     lengths: tuple[int, ...]
     logit_rows: torch.Tensor
 
@@ -57,6 +58,7 @@ class StepBatch:
             slots=as_tensor(slots),
             starts=as_tensor(starts),
             ends=as_tensor([s + n - 1 for s, n in zip(starts, lengths, strict=True)]),
+            cu_seqlens=as_tensor([*starts, acc]),
             lengths=lengths,
             logit_rows=as_tensor(logit_rows),
         )

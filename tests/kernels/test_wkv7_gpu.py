@@ -1,0 +1,56 @@
+"""The WKV-7 kernels at the real shapes of the released models, on a GPU (skipped without one)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kernels.rwkv7.fused_recurrent import wkv7_decode, wkv7_prefill
+from kernels.rwkv7.naive import wkv7_step, wkv7_varlen
+
+pytestmark = pytest.mark.gpu
+N = 64
+
+
+def inputs(rows: int, heads: int, dtype: torch.dtype) -> list[torch.Tensor]:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    shape = (rows, heads, N)
+    r = torch.randn(shape, generator=g, device="cuda")
+    w = -0.6065 * torch.sigmoid(torch.randn(shape, generator=g, device="cuda") * 2)
+    k = torch.randn(shape, generator=g, device="cuda") * 0.5
+    v = torch.randn(shape, generator=g, device="cuda")
+    kk = torch.nn.functional.normalize(torch.randn(shape, generator=g, device="cuda"), dim=-1)
+    lr = torch.sigmoid(torch.randn(shape, generator=g, device="cuda"))
+    return [t.to(dtype).contiguous() for t in (r, w, k, v, -kk, kk * lr)]
+
+
+@pytest.mark.parametrize(("heads", "rows"), [(12, 1), (32, 64), (40, 256), (64, 256)])  # 0.1B, 1.5B, 2.9B, 7.2B
+def test_decode_at_real_shapes(heads: int, rows: int) -> None:
+    pool = torch.randn(rows + 3, heads, N, N, device="cuda") * 0.1
+    slots = torch.randperm(rows + 3, device="cuda")[:rows]
+    x = inputs(rows, heads, torch.float16)
+    expected = pool.clone()
+    gathered = expected[slots].clone()
+    y_ref = wkv7_step(gathered, *x)
+    expected[slots] = gathered
+    y = wkv7_decode(pool, slots, *x)
+    torch.cuda.synchronize()
+    assert (y - y_ref).abs().max().item() < 1e-3
+    assert (pool - expected).abs().max().item() < 1e-3
+
+
+@pytest.mark.parametrize("heads", [12, 40])
+def test_prefill_at_real_shapes(heads: int) -> None:
+    lengths = [1024, 1, 300, 77]
+    cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], device="cuda")
+    slots = torch.tensor([5, 0, 3, 1], device="cuda")
+    pool = torch.randn(6, heads, N, N, device="cuda") * 0.1
+    x = inputs(sum(lengths), heads, torch.float16)
+    expected = pool.clone()
+    gathered = expected[slots].clone()
+    y_ref = wkv7_varlen(*x, gathered, lengths)
+    expected[slots] = gathered
+    y = wkv7_prefill(pool, slots, cu, *x)
+    torch.cuda.synchronize()
+    assert (y - y_ref).abs().max().item() < 5e-3
+    assert (pool - expected).abs().max().item() < 5e-3
