@@ -108,7 +108,9 @@ class App:
                 )
                 limits = HttpLimits(cfg.max_request_bytes, cfg.http_max_concurrency)
                 tls = TlsFiles(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca) if cfg.tls_cert and cfg.tls_key else None
-                self.http = HttpServer(app, cfg.host, cfg.http_port, cfg.grace_seconds, limits, tls)
+                self.http = HttpServer(
+                    app, cfg.host, cfg.http_port, cfg.grace_seconds, limits, tls, count_error=metrics.count_error
+                )
                 await self.http.start()
                 scheme = "https" if tls else "http"
                 self.base_url = cfg.public_url or f"{scheme}://{_reachable(cfg.host)}:{self.http.port}"

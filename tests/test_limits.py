@@ -27,6 +27,7 @@ from service.app import App
 from service.config import parse_serve_args
 from service.http.server import _listening_socket
 from tests.support import eventually, grpc_target, http_base, running_app
+from tests.test_metrics import delta, scrape
 
 on_module_loop = pytest.mark.asyncio(loop_scope="module")  # the loop the module's servers live on
 
@@ -73,9 +74,12 @@ async def test_a_body_over_the_limit_is_413_in_the_dialects_shape(
     small: App, path: str, body: dict[str, Any], content_type: str
 ) -> None:
     raw = str(body).replace("'", '"').replace("{big}", big_text()).encode()
+    before = await scrape(small)
     async with httpx.AsyncClient(base_url=http_base(small)) as http:
         reply = await http.post(path, content=raw, headers={"content-type": "application/json"})
         assert reply.status_code == 413
+        api = {"/v1/chat/completions": "openai", "/v1/tasks/tmp": "tasks", "/v1/predictions": "replicate"}[path]
+        assert delta(before, await scrape(small), "rwkvd_request_errors_total", api=api, code="413") == 1
         assert reply.headers["content-type"] == content_type
         assert "retry-after" not in reply.headers  # the same body would be refused again
         assert reply.headers["connection"] == "close"  # the rest of the body is never read
@@ -166,6 +170,7 @@ async def test_http_requests_beyond_the_limit_are_429_with_retry_after_and_probe
     assert narrow.http is not None
     limits = narrow.http.limits
     assert limits is not None
+    before = await scrape(narrow)
     async with httpx.AsyncClient(base_url=http_base(narrow), timeout=30) as http:
         async with contextlib.AsyncExitStack() as stack:
             streams = [await open_sse(stack, http) for _ in range(2)]
@@ -178,6 +183,9 @@ async def test_http_requests_beyond_the_limit_are_429_with_retry_after_and_probe
             tasks = await http.post("/v1/tasks/tmp", json={"prompt": "x"})
             assert tasks.status_code == 429
             assert "detail" in tasks.json()
+            after = await scrape(narrow)  # /metrics is exempt from the limit too
+            assert delta(before, after, "rwkvd_request_errors_total", api="openai", code="429") == 1
+            assert delta(before, after, "rwkvd_request_errors_total", api="tasks", code="429") == 1
             assert (await http.get("/health/ready")).status_code == 200  # kubelets and balancers still get answers
             assert (await http.get("/health/live")).status_code == 200
         assert await eventually(lambda: limits.active == 0)  # the closed streams ended on the server

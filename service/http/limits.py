@@ -3,6 +3,7 @@
 An ASGI wrapper around the whole app, so a refusal costs no routing, parsing or engine work. Each refusal
 comes in the JSON shape of the dialect its path belongs to (as auth's 401 does). Health probes and
 /metrics are never refused for concurrency: a busy server must still answer its probes and be scraped.
+Refusals never reach the app's own observation middleware, so they are counted and logged here.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -18,6 +20,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.errors import ResourceExhausted
 
 from .errors import headers_of, status_of
+from .observe import access_log, api_for_path
 
 _EXEMPT = re.compile(r"^/(health/|metrics/?$)")
 _TASKS = re.compile(r"^/v1/tasks")
@@ -33,9 +36,11 @@ class HttpLimits:
 
 
 class RequestLimits:
-    def __init__(self, app: ASGIApp, limits: HttpLimits) -> None:
+    def __init__(self, app: ASGIApp, limits: HttpLimits, count_error: Callable[[str, str], None] | None = None) -> None:
+        """`count_error(api, status)` is told of each refusal (the metrics' error counter)."""
         self._app = app
         self._limits = limits
+        self._count_error = count_error
         self.active = 0  # requests being handled now, exempt paths not counted
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -51,12 +56,14 @@ class RequestLimits:
                 retry_after=RETRY_AFTER_SECONDS,
             )
             await _send_refusal(send, path, status_of(busy), busy.reason, busy.message, headers_of(busy))
+            self._refused(scope, 429)
             return
         declared = _content_length(scope)
         if declared is not None and declared > self._limits.max_body_bytes:
             # Read the rest first only if it is within the drain bound; a far larger body is not worth it.
             drain = declared <= 2 * self._limits.max_body_bytes
             await self._refuse_too_large(receive, send, path, more_body=drain)
+            self._refused(scope, 413)
             return
         if not exempt:
             self.active += 1
@@ -100,6 +107,13 @@ class RequestLimits:
                 raise  # a failure of the app's own, not of the body it was denied
         if too_large:
             await self._refuse_too_large(receive, send, path, more_body)
+            self._refused(scope, 413)
+
+    def _refused(self, scope: Scope, status: int) -> None:
+        path: str = scope["path"]
+        if self._count_error is not None:
+            self._count_error(api_for_path(path) or "internal", str(status))
+        access_log.info("http %s %s %d refused by a limit", scope["method"], path, status)
 
     async def _refuse_too_large(self, receive: Receive, send: Send, path: str, more_body: bool) -> None:
         """413 with no retry hint (the same body is refused again), after reading what is left of the body

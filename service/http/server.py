@@ -11,7 +11,7 @@ import contextlib
 import logging
 import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import uvicorn
@@ -58,8 +58,10 @@ class HttpServer:
         grace_seconds: float,
         limits: HttpLimits | None = None,
         tls: TlsFiles | None = None,
+        count_error: Callable[[str, str], None] | None = None,
     ) -> None:
-        self.limits = RequestLimits(app, limits) if limits is not None else None
+        """`count_error(api, status)` counts the limits' refusals (they never reach the app's middleware)."""
+        self.limits = RequestLimits(app, limits, count_error) if limits is not None else None
         self.tls = tls
         self._sock = _listening_socket(host, port)
         self.port: int = self._sock.getsockname()[1]
