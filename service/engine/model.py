@@ -1,19 +1,20 @@
 """The torch backend: RWKV-7 (x070) forward over packed variable-length rows, exactly as the reference.
 
-Math per token is BlinkDL's (see kernels/rwkv7/naive.py for the WKV recurrence). Weights are prepared
-once at load (squeezed, ln0 folded into the embedding, cast to the compute dtype); the decay, the WKV
-state and the output GroupNorm are computed in fp32 whatever the weight dtype. Runs on CPU or GPU.
+Math per token is BlinkDL's (kernels/rwkv7/naive.py holds the WKV recurrence and the elementwise
+stages of a layer). Weights are prepared once at load (squeezed, ln0 folded into the embedding, cast
+to the compute dtype); the decay, the WKV state and the output GroupNorm are computed in fp32 whatever
+the weight dtype. Runs on CPU or GPU.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from kernels.rwkv7 import wkv7_step, wkv7_varlen
+from kernels.rwkv7.naive import layer_norm_shift_mix, relu_square, wkv_inputs, wkv_output
 
 from .backend import StepBatch
 from .checkpoint import Checkpoint, ModelShape
@@ -21,8 +22,6 @@ from .progress import Progress
 from .state_pool import StatePool
 
 LN_EPS = 1e-5
-# exp(-0.5): log decay = -exp(-0.5) * sigmoid(w0 + lora), so decay = exp(log decay) lies in (0.545, 1).
-DECAY_SCALE = math.exp(-0.5)
 
 
 @dataclass(frozen=True)
@@ -120,43 +119,50 @@ class TorchRwkv7:
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, pool: StatePool) -> torch.Tensor:
-        C, H, N = self.shape.n_embd, self.shape.n_head, self.shape.head_size
         x = self.emb[batch.tokens]  # [T, C]
-        T = x.shape[0]
         v_first = x  # replaced by layer 0's v before use
         for i, ly in enumerate(self.layers):
-            xa = F.layer_norm(x, (C,), ly.ln1_w, ly.ln1_b, eps=LN_EPS)
-            dx = _token_shift(xa, pool.att_x[i], batch) - xa
-            xr, xw, xk, xv, xia, xg = torch.addcmul(xa.unsqueeze(0), dx.unsqueeze(0), ly.mix.unsqueeze(1))  # 6 x [T, C]
-            r = F.linear(xr, ly.w_r)
-            k = F.linear(xk, ly.w_k)
-            v = F.linear(xv, ly.w_v)
-            log_decay = -DECAY_SCALE * torch.sigmoid(ly.w0 + (torch.tanh(xw @ ly.w1) @ ly.w2).float())  # [T, C] fp32
-            iclr = torch.sigmoid(ly.a0 + (xia @ ly.a1) @ ly.a2)  # in-context learning rate
-            g = torch.sigmoid(xg @ ly.g1) @ ly.g2
-            kk = F.normalize((k * ly.k_k).view(T, H, N), dim=-1, p=2.0, eps=1e-12)
-            k = k * (1 + (iclr - 1) * ly.k_a)
-            if ly.v0 is None:
-                v_first = v
-            else:
-                assert ly.v1 is not None
-                assert ly.v2 is not None
-                v = v + (v_first - v) * torch.sigmoid(ly.v0 + (xv @ ly.v1) @ ly.v2)
-            r3, k3, v3 = r.view(T, H, N), k.view(T, H, N), v.view(T, H, N)
-            iclr3 = iclr.view(T, H, N)
-            y = self._wkv(pool.wkv[i], batch, r3, log_decay.view(T, H, N), k3, v3, -kk, kk * iclr3)  # [T, H, N] fp32
-            y = F.group_norm(y.view(T, C), H, ly.lnx_w, ly.lnx_b, eps=N * 1e-5).to(self.dtype)
-            bonus = (r3 * k3 * ly.r_k).sum(-1, keepdim=True) * v3  # [T, H, N]
-            x = x + F.linear((y + bonus.view(T, C)) * g, ly.w_o)
-
-            xf = F.layer_norm(x, (C,), ly.ln2_w, ly.ln2_b, eps=LN_EPS)
-            xk_f = torch.addcmul(xf, _token_shift(xf, pool.ffn_x[i], batch) - xf, ly.ffn_x_k)
-            x = x + F.linear(torch.relu(F.linear(xk_f, ly.ffn_key)).square(), ly.ffn_value)
+            x, v_first = self._time_mix(i, ly, x, v_first, batch, pool)
+            x = self._channel_mix(i, ly, x, batch, pool)
         if batch.logit_rows.numel() == 0:
             return x.new_empty((0, self.shape.vocab_size), dtype=torch.float32)
         last = x.index_select(0, batch.ends.index_select(0, batch.logit_rows))  # [R, C]
-        last = F.layer_norm(last, (C,), self.ln_out_w, self.ln_out_b, eps=LN_EPS)
+        last = F.layer_norm(last, (self.shape.n_embd,), self.ln_out_w, self.ln_out_b, eps=LN_EPS)
         return F.linear(last, self.head).float()  # [R, V]
+
+    # The stages of a layer below are the plain-torch references (kernels/rwkv7/naive.py) around the matrix
+    # products; the triton backend overrides them with fused kernels around the same products.
+
+    def _time_mix(
+        self, i: int, ly: _Layer, x: torch.Tensor, v_first: torch.Tensor, batch: StepBatch, pool: StatePool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x [T, C] -> x + attention output; also returns v_first (layer 0's v, [T, C])."""
+        T = x.shape[0]
+        H, N = self.shape.n_head, self.shape.head_size
+        mixed = layer_norm_shift_mix(
+            x, ly.ln1_w, ly.ln1_b, ly.mix, pool.att_x[i], batch.slots, batch.starts, batch.ends, eps=LN_EPS
+        )
+        xr, xw, xk, xv, xia, xg = mixed  # 6 x [T, C]
+        r = F.linear(xr, ly.w_r)
+        k = F.linear(xk, ly.w_k)
+        v = F.linear(xv, ly.w_v)
+        w_lora = torch.tanh(xw @ ly.w1) @ ly.w2
+        a_lora = (xia @ ly.a1) @ ly.a2
+        g = torch.sigmoid(xg @ ly.g1) @ ly.g2
+        v_lora = None if ly.v1 is None or ly.v2 is None else (xv @ ly.v1) @ ly.v2
+        if v_lora is None:
+            v_first = v
+        w, k, v, a, b = wkv_inputs(k, v, v_first, w_lora, a_lora, v_lora, ly.w0, ly.a0, ly.v0, ly.k_k, ly.k_a, H)
+        y = self._wkv(pool.wkv[i], batch, *(t.view(T, H, N) for t in (r, w, k, v, a, b)))  # [T, H, N] fp32
+        return x + F.linear(wkv_output(y, ly.lnx_w, ly.lnx_b, r, k, v, ly.r_k, g, eps=N * 1e-5), ly.w_o), v_first
+
+    def _channel_mix(self, i: int, ly: _Layer, x: torch.Tensor, batch: StepBatch, pool: StatePool) -> torch.Tensor:
+        """x [T, C] -> x + FFN output."""
+        ffn_mix = ly.ffn_x_k.unsqueeze(0)  # [1, C]
+        (xk,) = layer_norm_shift_mix(
+            x, ly.ln2_w, ly.ln2_b, ffn_mix, pool.ffn_x[i], batch.slots, batch.starts, batch.ends, eps=LN_EPS
+        )
+        return x + F.linear(relu_square(F.linear(xk, ly.ffn_key)), ly.ffn_value)
 
     def _wkv(
         self,
@@ -178,16 +184,3 @@ class TorchRwkv7:
             y = wkv7_varlen(r, w, k, v, a, b, state, batch.lengths)
         store.index_copy_(0, batch.slots, state)
         return y
-
-
-def _token_shift(x: torch.Tensor, store: torch.Tensor, batch: StepBatch) -> torch.Tensor:
-    """The previous token's x for every packed token, taking row starts from `store` [P, C]; stores row ends."""
-    from_state = store.index_select(0, batch.slots)  # [B, C]
-    if batch.is_decode:
-        prev = from_state
-    else:
-        prev = torch.empty_like(x)
-        prev[1:] = x[:-1]
-        prev[batch.starts] = from_state
-    store.index_copy_(0, batch.slots, x.index_select(0, batch.ends))
-    return prev
