@@ -31,6 +31,8 @@ class EngineConfig:
     prefix_cache_min_tokens: int = 32
     # torch intra-op threads on CPU; None = torch's default.
     threads: int | None = None
+    # Decode steps replayed from CUDA graphs (one per batch-size bucket): auto = on with a CUDA device.
+    cuda_graphs: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
         problems = []
@@ -47,5 +49,7 @@ class EngineConfig:
             problems.append("max_queued and prefix_cache_entries must be >= 0, prefix_cache_min_tokens >= 1")
         if self.threads is not None and self.threads < 1:
             problems.append("threads must be at least 1")
+        if self.cuda_graphs not in ("auto", "on", "off"):
+            problems.append(f"cuda_graphs must be auto, on or off, not {self.cuda_graphs!r}")
         if problems:
             raise ValueError("; ".join(problems))

@@ -25,6 +25,7 @@ from service.errors import InvalidArgument
 from .backend import ModelBackend
 from .checkpoint import Checkpoint, load_checkpoint, validate_state_dict
 from .config import EngineConfig
+from .cuda_graphs import graphs_enabled
 from .engine import Engine
 from .generator import DEMO_SEED, demo_shape, generate_state_dict, state_dict_sha256
 from .model import TorchRwkv7
@@ -269,6 +270,7 @@ def _assemble(config: EngineConfig, load: Callable[[], Checkpoint] | None) -> Lo
         config.max_batch_size,
         ckpt.sha256,
         PrefixCache(config.prefix_cache_entries, config.prefix_cache_min_tokens),
+        cuda_graphs=graphs_enabled(config.cuda_graphs, backend.device),
     )
     engine = Engine(runner, tokenizer, config)
     s = ckpt.shape

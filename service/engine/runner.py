@@ -1,7 +1,9 @@
 """Executes engine steps on the device: slots in, model forward, batch sampling, states and caches out.
 
 Owns every tensor of the engine apart from the weights: the state pool, the sampler's per-slot
-penalties and the prefix-state cache. Called only from the engine thread.
+penalties and the prefix-state cache. Called only from the engine thread. With CUDA graphs on, decode
+steps (every row one token) replay a captured graph (service/engine/cuda_graphs.py); prefill and mixed
+steps, and any decode step without a graph, run the model eager.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 from dataclasses import dataclass
 
 from .backend import ModelBackend, StepBatch
+from .cuda_graphs import Capture, DecodeGraphs
 from .prefix_cache import PrefixCache
 from .sampler import Sampled, Sampler, SampleRow
 from .scheduler import StepPlan
@@ -29,11 +32,22 @@ class StepResult:
 
 
 class Runner:
-    def __init__(self, model: ModelBackend, slots: int, model_version: str, prefix_cache: PrefixCache) -> None:
+    def __init__(
+        self,
+        model: ModelBackend,
+        slots: int,
+        model_version: str,
+        prefix_cache: PrefixCache,
+        *,
+        cuda_graphs: bool = False,
+        capture: Capture | None = None,
+    ) -> None:
+        """`cuda_graphs`: decode steps through DecodeGraphs (`capture` replaces CUDA capture in tests)."""
         self.model = model
         self.device = model.device
         self.model_version = model_version
-        self.pool = StatePool(model.shape, slots, model.device, model.dtype)
+        self.pool = StatePool(model.shape, slots, model.device, model.dtype, scratch=cuda_graphs)
+        self.graphs = DecodeGraphs(model, self.pool, slots, capture) if cuda_graphs else None
         self.sampler = Sampler(slots, model.shape.vocab_size, model.device)
         self.prefix_cache = prefix_cache
 
@@ -84,8 +98,12 @@ class Runner:
         assert all(s is not None for s in slots)
         sample_rows = [i for i, r in enumerate(rows) if r.sample]
         t0 = time.perf_counter()
-        batch = StepBatch.build([r.tokens for r in rows], slots, sample_rows, self.device)  # type: ignore[arg-type]
-        logits = self.model.forward(batch, self.pool)  # [R, V]
+        logits = None
+        if self.graphs is not None and all(r.end - r.start == 1 for r in rows):
+            logits = self.graphs.run([r.seq.feed[r.start] for r in rows], slots, sample_rows)  # type: ignore[arg-type]
+        if logits is None:
+            batch = StepBatch.build([r.tokens for r in rows], slots, sample_rows, self.device)  # type: ignore[arg-type]
+            logits = self.model.forward(batch, self.pool)  # [R, V]
         t1 = time.perf_counter()
         sample_specs = [
             SampleRow(

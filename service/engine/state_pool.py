@@ -4,6 +4,10 @@ Layout is layer-major so a layer's forward reads one contiguous tensor: att_x [L
 [L, P, C] (token-shift inputs, activation dtype), wkv [L, P, H, N, N] (always fp32). A snapshot is a
 copy of one slot (`RnnState`); restoring, forking and zeroing are copies inside this pool. No other
 module writes these tensors except the model forward, in place, by slot index.
+
+With `scratch=True` the pool holds one more slot that is never handed out: the rows that pad a decode
+step up to a CUDA graph's batch size read and write it (service/engine/cuda_graphs.py), so padding
+never touches a live sequence's state. Its contents are garbage and nothing reads them.
 """
 
 from __future__ import annotations
@@ -32,20 +36,27 @@ class RnnState:
 
 
 class StatePool:
-    def __init__(self, shape: ModelShape, slots: int, device: torch.device, dtype: torch.dtype) -> None:
+    def __init__(
+        self, shape: ModelShape, slots: int, device: torch.device, dtype: torch.dtype, *, scratch: bool = False
+    ) -> None:
         L, C, H, N = shape.n_layer, shape.n_embd, shape.n_head, shape.head_size
         self.shape = shape
         self.device = device
         self.dtype = dtype
-        self.att_x = torch.zeros(L, slots, C, device=device, dtype=dtype)  # [L, P, C]
-        self.wkv = torch.zeros(L, slots, H, N, N, device=device, dtype=torch.float32)  # [L, P, H, N, N]
-        self.ffn_x = torch.zeros(L, slots, C, device=device, dtype=dtype)  # [L, P, C]
+        P = slots + 1 if scratch else slots
+        self.att_x = torch.zeros(L, P, C, device=device, dtype=dtype)  # [L, P, C]
+        self.wkv = torch.zeros(L, P, H, N, N, device=device, dtype=torch.float32)  # [L, P, H, N, N]
+        self.ffn_x = torch.zeros(L, P, C, device=device, dtype=dtype)  # [L, P, C]
+        self._slots = slots
+        # The last slot, never allocated: padding rows of CUDA-graph decode steps (None without one).
+        self.scratch_slot: int | None = slots if scratch else None
         # Handed out lowest first, so a lightly loaded engine touches few slots.
         self._free = list(range(slots - 1, -1, -1))
 
     @property
     def capacity(self) -> int:
-        return self.att_x.shape[1]
+        """Slots that sequences can hold (the scratch slot is not one)."""
+        return self._slots
 
     @property
     def in_use(self) -> int:
