@@ -220,16 +220,18 @@ def test_snapshot_and_restore(sampler: Sampler) -> None:
 
 
 def test_logprobs_are_log_softmax_of_raw_logits(sampler: Sampler) -> None:
-    logits = random_logits(3, 7)
+    logits = random_logits(4, 7)
+    ref = torch.log_softmax(logits.double(), -1)  # before sampling: the sampler must not change the logits
     specs = [
         row(slot=0, temperature=0.0, logprobs=True, top_logprobs=5),
         # Temperature, truncation and penalties change the draw, never the reported logprobs.
         row(slot=1, seed=3, temperature=1.7, top_k=10, presence_penalty=2.0, logprobs=True, top_logprobs=3),
         row(slot=2, seed=4, logprobs=True, top_logprobs=0),
+        row(slot=3, temperature=0.0, multiplicative_repetition_penalty=3.0, logprobs=True, top_logprobs=2),
     ]
-    sampler.sample(logits, specs)  # once, so slot 1 has penalties the second time
+    sampler.sample(logits, specs)  # once, so slots 1 and 3 have penalties the second time
     out = sampler.sample(logits, [SampleRow(s.slot, s.params, s.seed, 1) for s in specs])
-    ref = torch.log_softmax(logits.double(), -1)
+    assert torch.equal(torch.log_softmax(logits.double(), -1), ref)
     for i, (token, lp) in enumerate(zip(out.tokens, out.logprobs, strict=True)):
         assert lp is not None
         picked, top = lp
@@ -243,6 +245,20 @@ def test_logprobs_are_log_softmax_of_raw_logits(sampler: Sampler) -> None:
         assert all(a >= b for (_, a), (_, b) in itertools.pairwise(top))
     assert out.logprobs[0] is not None
     assert out.tokens[0] == out.logprobs[0][1][0][0]  # greedy picked the top alternative
+    assert out.logprobs[3] is not None
+    assert out.tokens[3] != out.logprobs[3][1][0][0]  # the penalty moved greedy off the model's top token
+
+
+def test_a_multiplicative_penalty_alone_leaves_the_logits_and_logprobs_alone(sampler: Sampler) -> None:
+    logits = logits_of([3.0, 2.5, -2.0] + [-9.0] * (V - 3))
+    ref = torch.log_softmax(logits.double(), -1)
+    spec = row(temperature=0.0, multiplicative_repetition_penalty=4.0, logprobs=True, top_logprobs=1)
+    assert one(sampler, logits, spec) == 0
+    out = sampler.sample(logits, [SampleRow(0, spec.params, spec.seed, 1)])
+    assert out.tokens == [1]  # 3.0 / 4 < 2.5
+    assert torch.equal(torch.log_softmax(logits.double(), -1), ref)  # the caller's logits are untouched
+    assert out.logprobs[0] is not None
+    assert out.logprobs[0][0] == pytest.approx(ref[0, 1].item(), abs=1e-5)  # under the model itself
 
 
 def test_no_logprobs_unless_asked(sampler: Sampler) -> None:
