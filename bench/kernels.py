@@ -2,12 +2,14 @@
 
 Decode: B rows of one token, each updating its state in a slot pool (ours in place; the reference and
 fla gather states into a batch tensor and return new ones, as they must without a slot index).
-Prefill: one row of T tokens from a state (ours: recurrent in-kernel loop; fla: chunk_rwkv7).
+Prefill: one row of T tokens from a state (ours: the recurrent in-kernel loop, and the chunked kernel at each
+--chunk size and product precision; fla: chunk_rwkv7), with the chunked kernel's largest difference from the
+recurrent one.
 Figures: median time per call, and the fraction of HBM bandwidth for the bytes the op must move
 (state read and write in fp32, inputs in fp16, output in fp32).
 
     pip install fla-core==0.6.0 einops     # optional, for the side-by-side
-    python bench/kernels.py --heads 40 --batch 1,64,256,1024 --prefill 1024,8192
+    python bench/kernels.py --heads 40 --batch 1,64,256,1024 --prefill 1024,8192 --chunk 16,32,64
 
 Writes bench/results/kernels-<device>-<date>.json (device, commit, date, conditions, figures).
 """
@@ -19,6 +21,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.engine import RESULTS, device_name, git_commit
+from kernels.rwkv7.chunk import PRECISIONS, wkv7_chunk_prefill
 from kernels.rwkv7.fused_recurrent import wkv7_decode, wkv7_prefill
 from kernels.rwkv7.naive import wkv7_step
 
@@ -86,13 +90,26 @@ def decode_case(batch: int, heads: int, fla: Any) -> dict[str, Any]:
     return result
 
 
-def prefill_case(tokens: int, heads: int, fla: Any) -> dict[str, Any]:
+def prefill_case(tokens: int, heads: int, chunks: list[int], fla: Any) -> dict[str, Any]:
     pool = torch.zeros(1, heads, N, N, device="cuda")
     slots = torch.zeros(1, dtype=torch.long, device="cuda")
     cu = torch.tensor([0, tokens], device="cuda")
     x = inputs(tokens, heads)
     result: dict[str, Any] = {"tokens": tokens, "heads": heads}
     result["ours_recurrent_s"] = timed(lambda: wkv7_prefill(pool, slots, cu, *x), repeats=10)
+    start = torch.randn_like(pool) * 0.1
+    recurrent = start.clone()
+    y_recurrent = wkv7_prefill(recurrent, slots, cu, *x)
+    for size in chunks:
+        for precision in PRECISIONS:
+            run = partial(wkv7_chunk_prefill, chunk_size=size, precision=precision)
+            name = f"ours_chunk{size}_{precision}"
+            result[f"{name}_s"] = timed(partial(run, pool, slots, cu, *x), repeats=10)
+            chunked = start.clone()
+            y_chunked = run(chunked, slots, cu, *x)
+            result[f"{name}_max_abs_diff"] = max(
+                (y_chunked - y_recurrent).abs().max().item(), (chunked - recurrent).abs().max().item()
+            )
     if fla is not None:
         r, w, k, v, a, b = (t.unsqueeze(0) for t in x)
         h0 = pool.transpose(-1, -2).contiguous()
@@ -108,6 +125,7 @@ def main() -> None:
     ap.add_argument("--heads", type=int, default=40, help="40 = 2.9B, 64 = 7.2B, 12 = 0.1B")
     ap.add_argument("--batch", default="1,64,256,1024")
     ap.add_argument("--prefill", default="1024,8192")
+    ap.add_argument("--chunk", default="16,32,64", help="chunk sizes of our chunked prefill kernel")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     if not torch.cuda.is_available():
@@ -124,7 +142,8 @@ def main() -> None:
             if peak:
                 case[key.removesuffix("_s") + "_bandwidth_fraction"] = case["bytes"] / case[key] / peak
         print(json.dumps(case))
-    prefill = [prefill_case(int(t), args.heads, fla) for t in args.prefill.split(",") if t]
+    chunks = [int(c) for c in args.chunk.split(",") if c]
+    prefill = [prefill_case(int(t), args.heads, chunks, fla) for t in args.prefill.split(",") if t]
     for case in prefill:
         print(json.dumps(case))
     now = dt.datetime.now(dt.UTC)
