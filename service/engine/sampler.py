@@ -112,56 +112,71 @@ class Sampler:
         # groups apart keeps a row's token independent of the other rows' parameters.
         truncating = [i for i in drawn if rows[i].params.top_p < 1.0 or rows[i].params.top_k > 0]
         plain = [i for i in drawn if not (rows[i].params.top_p < 1.0 or rows[i].params.top_k > 0)]
-        for group in (truncating, plain):
-            if group:
-                d = self._tensor(group, torch.long)
-                tokens[d] = self._draw(work.index_select(0, d), [rows[i] for i in group])
-        chosen = tokens.tolist()  # the one host sync of a step
+        if plain:
+            d = self._tensor(plain, torch.long)
+            tokens[d] = self._draw_plain(work.index_select(0, d), [rows[i] for i in plain])
+        inside: torch.Tensor | None = None  # [len(truncating)] bool
+        if truncating:
+            d = self._tensor(truncating, torch.long)
+            tokens[d], inside = self._draw_candidates(work.index_select(0, d), [rows[i] for i in truncating])
+        # The one host sync of a step: the tokens, and whether each truncating row's kept set lay within its
+        # candidates. A row whose set reaches past them (rare for a trained model) is drawn again from a full sort.
+        if inside is None:
+            chosen = tokens.tolist()
+        else:
+            host = torch.cat([tokens, inside.long()]).tolist()
+            chosen = host[:R]
+            redo = [i for i, ok in zip(truncating, host[R:], strict=True) if not ok]
+            if redo:
+                d = self._tensor(redo, torch.long)
+                wide = self._draw_sorted(work.index_select(0, d), [rows[i] for i in redo])
+                tokens[d] = wide
+                for i, token in zip(redo, wide.tolist(), strict=True):
+                    chosen[i] = token
 
         self._update_penalties(rows, penalised, chosen)
         return Sampled(chosen, self._logprobs(logits, rows, tokens))
 
-    def _draw(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
-        """Inverse-CDF sampling of [D, V] logits with temperature, and top-k/top-p when every row truncates.
+    def _scaled(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        return logits / self._tensor([r.params.temperature for r in rows], torch.float32).unsqueeze(1)
 
-        Plain rows draw in vocabulary order. Truncating rows draw in descending-probability order, from
-        the top CANDIDATES tokens when the kept set lies within them (the usual case for a trained
-        model: exact, and no sort of the whole vocabulary), else from a full sort. Either way a row's
-        token depends on its own logits and parameters only.
-        """
-        V = logits.shape[1]
-        scaled = logits / self._tensor([r.params.temperature for r in rows], torch.float32).unsqueeze(1)
-        if not any(r.params.top_p < 1.0 or r.params.top_k > 0 for r in rows):
-            return self._pick(torch.softmax(scaled, dim=-1), None, rows)
+    def _draw_plain(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """Inverse-CDF sampling of [D, V] logits with temperature, in vocabulary order."""
+        return self._pick(torch.softmax(self._scaled(logits, rows), dim=-1), None, rows)
+
+    def _draw_candidates(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k/top-p sampling of [D, V] logits in descending-probability order over the top CANDIDATES tokens
+        (a partial sort). Returns the tokens [D] and whether each row's kept set lay within the candidates [D]
+        bool: where it did (the usual case for a trained model) the token is exactly the full sort's; where it
+        did not, the caller draws the row again with _draw_sorted. Nothing here waits for the device."""
+        scaled = self._scaled(logits, rows)
+        V = scaled.shape[1]
         k = min(V, CANDIDATES)
-        top_p = [r.params.top_p for r in rows]
-        top_k = [r.params.top_k if r.params.top_k > 0 else V for r in rows]
         values, order = scaled.topk(k, dim=-1)  # [D, k], descending
         probs = torch.exp(values - torch.logsumexp(scaled, dim=-1, keepdim=True))
-        mass = probs.sum(dim=-1).tolist()
-        fits = [top_k[i] <= k or mass[i] >= top_p[i] for i in range(len(rows))]
-        tokens = torch.empty(len(rows), dtype=torch.long, device=self.device)
-        for group, wide in (
-            ([i for i, f in enumerate(fits) if f], False),
-            ([i for i, f in enumerate(fits) if not f], True),
-        ):
-            if not group:
-                continue
-            g = self._tensor(group, torch.long)
-            if wide:
-                sorted_logits, group_order = scaled.index_select(0, g).sort(dim=-1, descending=True)
-                group_probs = torch.softmax(sorted_logits, dim=-1)
-            else:
-                group_order, group_probs = order.index_select(0, g), probs.index_select(0, g)
-            n = group_probs.shape[1]
-            gp = self._tensor([top_p[i] for i in group], torch.float32).unsqueeze(1)
-            gk = self._tensor([top_k[i] for i in group], torch.long).unsqueeze(1)
-            # Keep a token while the mass before it is under top_p, and top_k; the most likely always stays.
-            keep = (group_probs.cumsum(dim=-1) - group_probs) < gp
-            keep &= torch.arange(n, device=self.device).unsqueeze(0) < gk
-            keep[:, 0] = True
-            tokens[g] = self._pick(group_probs * keep, group_order, [rows[i] for i in group])
-        return tokens
+        keep = self._kept(probs, rows)
+        # Kept sets are prefixes of the sorted order: if the last candidate is out, every later token is too.
+        return self._pick(probs * keep, order, rows), ~keep[:, -1] | self._top_k(rows, V).squeeze(1).le(k)
+
+    def _draw_sorted(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """Top-k/top-p sampling of [D, V] logits in descending-probability order over a full sort."""
+        sorted_logits, order = self._scaled(logits, rows).sort(dim=-1, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        return self._pick(probs * self._kept(probs, rows), order, rows)
+
+    def _top_k(self, rows: Sequence[SampleRow], none: int) -> torch.Tensor:
+        """[D, 1] int64 each row's top_k, `none` where it sets no limit."""
+        return self._tensor([r.params.top_k if r.params.top_k > 0 else none for r in rows], torch.long).unsqueeze(1)
+
+    def _kept(self, probs: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
+        """[D, n] bool over descending probs [D, n]: a token stays while the mass before it is under top_p and
+        it is within top_k; the most likely always stays."""
+        n = probs.shape[1]
+        top_p = self._tensor([r.params.top_p for r in rows], torch.float32).unsqueeze(1)
+        keep = (probs.cumsum(dim=-1) - probs) < top_p
+        keep &= torch.arange(n, device=self.device).unsqueeze(0) < self._top_k(rows, n)
+        keep[:, 0] = True
+        return keep
 
     def _pick(self, probs: torch.Tensor, order: torch.Tensor | None, rows: Sequence[SampleRow]) -> torch.Tensor:
         """Inverse CDF: the token where the row's uniform number falls in its cumulative distribution."""

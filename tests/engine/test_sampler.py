@@ -323,3 +323,17 @@ def test_top_p_zero_keeps_only_the_most_likely_token(sampler: Sampler) -> None:
     logits = random_logits(1, seed=5, scale=0.3)
     best = int(logits[0].argmax())
     assert {one(sampler, logits, row(seed=s, top_p=0.0)) for s in range(20)} == {best}
+
+
+def test_a_batch_mixing_narrow_and_wide_nuclei_draws_each_as_a_full_sort_would() -> None:
+    # Peaked rows keep their draw from the candidates; flat rows are drawn again from a full sort.
+    vocab = 4 * CANDIDATES
+    sampler = Sampler(8, vocab, CPU)
+    scales = torch.tensor([8.0, 0.5, 8.0, 0.5, 0.5, 8.0]).unsqueeze(1)
+    logits = torch.randn(6, vocab, generator=torch.Generator().manual_seed(4)) * scales
+    fits = (torch.softmax(logits, -1).topk(CANDIDATES).values.sum(-1) >= 0.9).tolist()
+    assert fits == [True, False, True, False, False, True]
+    for position in range(10):
+        specs = [row(slot=i, seed=7 + i, position=position, top_p=0.9, temperature=1.0) for i in range(6)]
+        got = sampler.sample(logits, specs).tokens
+        assert got == [full_sort_choice(logits[i], 7 + i, position, 1.0, 0.9, 0) for i in range(6)]
