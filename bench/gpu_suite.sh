@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU session in one script (bench/README.md, "GPU session runbook"): gpu-marked tests, kernel and
 # engine benchmarks per released size, the `rwkv` package's CUDA path; each step bounded in time, a
-# failed step reported and skipped. Results (JSON), logs and summary.txt go to $OUT if set, else
-# bench/results/gpu-<date>/.
+# failed step reported and skipped, the whole run kept inside SUITE_BUDGET. Carried wheels (.whl/) are
+# installed into /tmp/site first. Results (JSON), logs and summary.txt go to bench/results/gpu-<date>/,
+# or, when $OUT is set (the device tool, which returns at most 8 files), to a scratch folder that is
+# packed into $OUT/gpu-suite-<date>.tar.gz after every step, beside $OUT/summary.txt and environment.txt.
 #
 #   bash bench/gpu_suite.sh                      # every step, in priority order (longer than 10 minutes)
 #   bash bench/gpu_suite.sh tests kernels        # only these steps, in this order
@@ -11,16 +13,25 @@
 # Steps: preflight tests kernels engine-0.1b engine-1.5b engine-2.9b engine-7.2b graphs-off
 #        engine-2.9b-sampled package   (preflight always runs first)
 # Environment: PYTHON (default python3), RWKVD_COMMIT (the commit, for a tree copied without .git),
-# BANDWIDTH_GBS (HBM GB/s for the rooflines, default from the device table), PACKAGE_SIZES (default
-# "0.1b 1.5b 2.9b"), ENGINE_BATCHES (default 1,8,64,256,1024), DECODE_TOKENS (default 64),
-# T_<STEP> (seconds, e.g. T_TESTS=200, T_ENGINE_7_2B=500) to change a step's limit.
+# SUITE_BUDGET (seconds for the whole run, default 540 with $OUT set, else 0 = none; a step gets at most
+# what is left, one that cannot get 30 s is skipped), WHEEL_SITE (default /tmp/site), BANDWIDTH_GBS
+# (HBM GB/s for the rooflines, default from the device table), PACKAGE_SIZES (default "0.1b 1.5b
+# 2.9b"), ENGINE_BATCHES (default 1,8,64,256,1024), DECODE_TOKENS (default 64), KERNEL_HEADS (default
+# "40 64 12"), T_<STEP> (seconds, e.g. T_TESTS=200, T_ENGINE_7_2B=500) to change a step's limit.
 set -u
 cd "$(dirname "$0")/.." || exit 1
+ROOT=$PWD
 
 PY=${PYTHON:-python3}
 STAMP=$(date -u +%Y%m%d-%H%M%S)
-DIR=${OUT:-bench/results/gpu-$STAMP}
-mkdir -p "$DIR/logs"
+SUITE_START=$(date +%s)
+if [ -n "${OUT:-}" ]; then
+    DIR=/tmp/gpu-suite-$STAMP
+    BUDGET=${SUITE_BUDGET:-540}
+else
+    DIR=bench/results/gpu-$STAMP
+    BUDGET=${SUITE_BUDGET:-0}
+fi
 SUMMARY=$DIR/summary.txt
 BATCHES=${ENGINE_BATCHES:-1,8,64,256,1024}
 DECODE_TOKENS=${DECODE_TOKENS:-64}
@@ -33,12 +44,12 @@ limit() { # the time limit of a step: T_<STEP> overrides the default
     echo "${!var:-$2}"
 }
 declare -A DEFAULT_LIMIT=(
-    [preflight]=60 [tests]=300 [kernels]=90 [engine-0.1b]=240 [engine-1.5b]=300 [engine-2.9b]=360
+    [preflight]=90 [tests]=300 [kernels]=90 [engine-0.1b]=240 [engine-1.5b]=300 [engine-2.9b]=360
     [engine-7.2b]=540 [graphs-off]=180 [engine-2.9b-sampled]=240 [package]=170
-) # kernels: per head count (3 runs); package: per size and path
+) # kernels: per head count; package: per size and path
 
 if [ "${1:-}" = "--list" ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
     echo
     for s in preflight "${ALL[@]}"; do printf '  %-22s %4ss\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
     exit 0
@@ -48,17 +59,38 @@ STEPS=("$@")
 for s in "${STEPS[@]}"; do
     [ -n "${DEFAULT_LIMIT[$s]:-}" ] || { echo "unknown step: $s (bash $0 --list)"; exit 2; }
 done
+mkdir -p "$DIR/logs"
 
 FAILED=0
+SKIPPED=0
 note() { echo "$*" | tee -a "$SUMMARY"; }
 
-run() { # run NAME CMD...: one bounded command, its output in logs/NAME.log; records ok / FAILED / TIMEOUT
-    local name=$1 secs rc start status
+publish() { # with $OUT: the run so far, packed (the device tool returns at most 8 files, 2 folders deep)
+    [ -n "${OUT:-}" ] || return 0
+    mkdir -p "$OUT"
+    cp "$SUMMARY" "$OUT/summary.txt" 2>/dev/null
+    cp "$DIR/environment.txt" "$OUT/environment.txt" 2>/dev/null
+    tar -czf "$OUT/.gpu-suite.tmp" -C "$DIR" . 2>/dev/null && mv -f "$OUT/.gpu-suite.tmp" "$OUT/gpu-suite-$STAMP.tar.gz"
+}
+
+left() { # seconds left in SUITE_BUDGET (a large number without one)
+    if [ "$BUDGET" -gt 0 ]; then echo $((BUDGET - ($(date +%s) - SUITE_START))); else echo 999999; fi
+}
+
+run() { # run NAME CMD...: one bounded command, its output in logs/NAME.log; records ok / FAILED / TIMEOUT / SKIPPED
+    local name=$1 secs rc start status remaining
     shift
     secs=$(limit "$CURRENT" "${DEFAULT_LIMIT[$CURRENT]}")
+    remaining=$(($(left) - 25)) # room for the interrupt's grace period, the summary and the archive
+    if [ "$remaining" -lt 30 ]; then
+        note "$(printf '%-30s %-12s %5ss  %s' "$name" SKIPPED 0 "no time left in SUITE_BUDGET=${BUDGET}s")"
+        SKIPPED=$((SKIPPED + 1))
+        return 125
+    fi
+    [ "$secs" -gt "$remaining" ] && secs=$remaining
     start=$(date +%s)
     echo "== $name (limit ${secs}s): $*"
-    timeout --signal=INT --kill-after=30 "$secs" "$@" >"$DIR/logs/$name.log" 2>&1
+    timeout --signal=INT --kill-after=15 "$secs" "$@" >"$DIR/logs/$name.log" 2>&1
     rc=$?
     case $rc in
         0) status=ok ;;
@@ -70,26 +102,97 @@ run() { # run NAME CMD...: one bounded command, its output in logs/NAME.log; rec
         FAILED=$((FAILED + 1))
         tail -n 8 "$DIR/logs/$name.log" | sed 's/^/    | /'
     fi
+    publish
     return $rc
 }
 
-has() { "$PY" -c "import $1" >/dev/null 2>&1; }
+setup_python() { # carried wheels into $WHEEL_SITE; PYTHONPATH = repo root, clients/ (the rwkvd stubs), wheels
+    local site=${WHEEL_SITE:-/tmp/site} wheels=() key
+    shopt -s nullglob
+    wheels=(.whl/*.whl)
+    shopt -u nullglob
+    export PYTHONPATH="$ROOT:$ROOT/clients${PYTHONPATH:+:$PYTHONPATH}"
+    if [ ${#wheels[@]} -eq 0 ]; then
+        echo "wheels: none carried (.whl/ absent): the image's own packages only"
+        return 0
+    fi
+    key=$(printf '%s\n' "${wheels[@]}" | sort | md5sum | cut -c1-32)
+    if [ "$(cat "$site/.carried" 2>/dev/null)" = "$key" ]; then
+        echo "wheels: ${#wheels[@]} already in $site"
+    else
+        rm -rf "$site"
+        if timeout 180 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$site" \
+            "${wheels[@]}" >"$DIR/logs/wheels.log" 2>&1; then
+            echo "$key" >"$site/.carried"
+            echo "wheels: ${#wheels[@]} installed into $site"
+        else
+            echo "wheels: install FAILED (logs/wheels.log): $(tail -n 2 "$DIR/logs/wheels.log" | tr '\n' ' ')"
+            return 0
+        fi
+    fi
+    export PYTHONPATH="$ROOT:$ROOT/clients:$site${PYTHONPATH#"$ROOT:$ROOT/clients"}"
+}
 
 preflight() {
     {
         echo "date: $(date -u +%FT%TZ)  commit: ${RWKVD_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
+        setup_python
+        echo "PYTHONPATH=$PYTHONPATH"
         nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.memory --format=csv 2>&1 || echo "nvidia-smi: not found"
-        "$PY" -c 'import sys, torch; print("python", sys.version.split()[0], "torch", torch.__version__, "cuda", torch.version.cuda, "available", torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else "")' 2>&1
-        for m in triton safetensors pytest pytest_asyncio pytest_timeout grpc fastapi uvicorn fla rwkv einops; do
-            if has "$m"; then echo "module $m: yes"; else echo "module $m: MISSING"; fi
-        done
-        command -v nvcc >/dev/null && echo "nvcc: $(nvcc --version | tail -n 1)" || echo "nvcc: MISSING (the rwkv package's CUDA kernel cannot be built)"
+        # One interpreter for every import the entry points need (each failure: its last line).
+        RWKV_V7_ON=1 RWKV_CUDA_ON=0 RWKV_JIT_ON=1 timeout 120 "$PY" - <<'EOF' 2>&1
+import importlib, sys
+print("python", sys.version.split()[0], sys.executable)
+checks = [  # (module, what needs it)
+    ("torch", "everything"), ("triton", "the triton backend, kernels"), ("numpy", "torch"),
+    ("safetensors", "checkpoints"), ("pytest", "tests"), ("pytest_asyncio", "async gpu test (asyncio_mode=auto)"),
+    ("pytest_timeout", "pyproject timeout=300"), ("google.protobuf", "stubs (gencode 7.35.1)"),
+    ("grpc", "stubs (need grpcio>=1.85.1)"), ("rwkvd.v1.completions_pb2_grpc", "service.app (carry clients/rwkvd/v1)"),
+    ("pydantic", "fastapi"), ("fastapi", "service.app"), ("uvicorn", "service.app"),
+    ("pyrwkv_tokenizer", "build_engine: bench/engine.py, engine tests"),
+    ("service.engine.local", "bench/engine.py, bench/kernels.py"), ("service.app", "tests/conftest.py"),
+    ("fla.ops.rwkv7", "bench/kernels.py side by side"), ("rwkv.model", "bench/rwkv_package.py"),
+]
+failed = []
+for name, why in checks:
+    try:
+        mod = importlib.import_module(name)
+    except BaseException as e:  # noqa: BLE001 - report anything
+        failed.append(name)
+        print(f"module {name}: MISSING ({why}): {type(e).__name__}: {str(e).splitlines()[-1] if str(e) else ''}")
+        continue
+    version = getattr(mod, "__version__", None) or getattr(sys.modules[name.split(".")[0]], "__version__", "")
+    print(f"module {name}: yes {version} {(getattr(mod, '__file__', '') or '')}")
+try:
+    import torch
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        print("torch", torch.__version__, "cuda", torch.version.cuda, "device", p.name, f"{p.total_memory / 2**30:.1f} GiB",
+              p.multi_processor_count, "SMs")
+    else:
+        print("torch", torch.__version__, "cuda", torch.version.cuda, "NO CUDA DEVICE")
+except BaseException as e:  # noqa: BLE001
+    print("torch: FAILED", e)
+print("imports that fail:", ", ".join(failed) if failed else "none")
+EOF
+        if command -v nvcc >/dev/null; then
+            echo "nvcc: $(nvcc --version | tail -n 1)"
+            # The rwkv package's and Albatross' kernels are built with these flags; newer nvcc may reject some.
+            printf '__global__ void k(float *x) { x[threadIdx.x] += 1.f; }\n' >/tmp/rwkvd-flags.cu
+            if nvcc -c -res-usage --use_fast_math -O3 -Xptxas -O3 --extra-device-vectorization /tmp/rwkvd-flags.cu \
+                -o /tmp/rwkvd-flags.o >/tmp/rwkvd-flags.log 2>&1; then
+                echo "nvcc accepts -res-usage --extra-device-vectorization: yes"
+            else
+                echo "nvcc accepts -res-usage --extra-device-vectorization: NO ($(grep -m1 -i 'fatal\|error' /tmp/rwkvd-flags.log))"
+            fi
+        else
+            echo "nvcc: MISSING (the rwkv package's CUDA kernel cannot be built)"
+        fi
         command -v ninja >/dev/null && echo "ninja: yes" || echo "ninja: MISSING"
-        "$PY" -c 'import service.engine.local' 2>&1 && echo "service.engine imports: yes" || echo "service.engine imports: NO"
-        "$PY" -c 'import service.app' >/dev/null 2>&1 && echo "service.app imports: yes" || echo "service.app imports: NO (tests that start the server will fail to import)"
     } >"$DIR/environment.txt" 2>&1
     cat "$DIR/environment.txt"
-    "$PY" -c 'import torch; assert torch.cuda.is_available()' 2>/dev/null
+    publish
+    grep -q "^torch .* device " "$DIR/environment.txt"
 }
 
 engine() { # engine NAME SIZE [extra flags]
@@ -100,41 +203,52 @@ engine() { # engine NAME SIZE [extra flags]
 }
 
 package() {
-    if ! has rwkv; then
-        note "$(printf '%-30s %-12s' package SKIPPED) the rwkv package is not installed"
+    if ! grep -q "^module rwkv.model: yes" "$DIR/environment.txt"; then
+        note "$(printf '%-30s %-12s' package SKIPPED) the rwkv package does not import (environment.txt)"
+        SKIPPED=$((SKIPPED + 1))
         return
     fi
-    local cuda_on=1 size
+    local cuda_on=1 size rc
     for size in ${PACKAGE_SIZES:-0.1b 1.5b 2.9b}; do
-        if [ $cuda_on = 1 ] && ! RWKV_CUDA_ON=1 run "package-$size-cudakernel" "$PY" bench/rwkv_package.py --size "$size" \
-            --device cuda --dtype fp16 --prompt-lens 1024,8192 --out-dir "$DIR"; then
-            note "    the package's CUDA kernel failed (build or run, see logs/package-$size-cudakernel.log): its torch path instead"
-            cuda_on=0
+        if [ $cuda_on = 1 ]; then
+            RWKV_CUDA_ON=1 run "package-$size-cudakernel" "$PY" bench/rwkv_package.py --size "$size" \
+                --device cuda --dtype fp16 --prompt-lens 1024,8192 --out-dir "$DIR"
+            rc=$?
+            [ $rc = 125 ] && return
+            if [ $rc != 0 ]; then
+                note "    the package's CUDA kernel failed (build or run, see logs/package-$size-cudakernel.log): its torch path instead"
+                cuda_on=0
+            fi
         fi
         if [ $cuda_on = 0 ]; then
             RWKV_CUDA_ON=0 run "package-$size-torch" "$PY" bench/rwkv_package.py --size "$size" --device cuda --dtype fp16 \
                 --prompt-lens 1024,8192 --out-dir "$DIR"
+            [ $? = 125 ] && return
         fi
     done
 }
 
-note "GPU suite $STAMP: steps ${STEPS[*]} -> $DIR"
+note "GPU suite $STAMP: steps ${STEPS[*]} -> $DIR${OUT:+ (packed into \$OUT/gpu-suite-$STAMP.tar.gz)}; budget ${BUDGET}s"
 CURRENT=preflight
 if ! preflight; then
     note "preflight: no CUDA device visible to torch; nothing to run"
+    publish
     exit 1
 fi
 for step in "${STEPS[@]}"; do
     CURRENT=$step
     case $step in
         tests)
-            # --continue-on-collection-errors: a module needing a missing package must not stop the others.
+            # Only the modules with gpu-marked tests: collecting the whole tree would import every
+            # module's dependencies (openai, schemathesis, ...), which the device image lacks.
+            mapfile -t GPU_TESTS < <(grep -rlE 'mark\.gpu\b' tests --include='test_*.py' | sort)
             run tests "$PY" -m pytest -m gpu -q -p no:cacheprovider -rs --continue-on-collection-errors \
-                --junitxml="$DIR/tests-gpu.xml" tests ;;
+                --junitxml="$DIR/tests-gpu.xml" "${GPU_TESTS[@]}" ;;
         kernels)
-            for heads in 40 64 12; do
-                run "kernels-h$heads" "$PY" bench/kernels.py --heads $heads --batch 1,64,256,1024 --prefill 1024,8192 \
+            for heads in ${KERNEL_HEADS:-40 64 12}; do
+                run "kernels-h$heads" "$PY" bench/kernels.py --heads "$heads" --batch 1,64,256,1024 --prefill 1024,8192 \
                     --out "$DIR/kernels-h$heads-$STAMP.json"
+                [ $? = 125 ] && break
             done ;;
         engine-0.1b | engine-1.5b | engine-2.9b | engine-7.2b)
             engine "$step" "${step#engine-}" ;;
@@ -167,5 +281,6 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
     more = "" if r.get("complete", True) else "  [incomplete]"
     print(head, " | ".join(cells), more)
 EOF
-note "steps failed: $FAILED"
+note "steps failed: $FAILED, skipped: $SKIPPED, suite wall time: $(($(date +%s) - SUITE_START))s"
+publish
 exit $((FAILED > 0))
