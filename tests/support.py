@@ -8,13 +8,15 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from service.app import App
 from service.config import build_config
 from service.engine.generator import generate_state_dict, model_shape, write_checkpoint
+
+if TYPE_CHECKING:  # imported when a test starts an app: the kernel and engine tests (and the GPU machine) need
+    from service.app import App  # no server stack (fastapi, grpc, the generated stubs) to load this module
 
 
 @asynccontextmanager
@@ -24,6 +26,8 @@ async def running_app(**settings: Any) -> AsyncIterator[App]:
     The data directory is a fresh temporary one unless data_dir is given (pass the same one to two apps
     in turn to test what survives a restart).
     """
+    from service.app import App
+
     with tempfile.TemporaryDirectory(prefix="rwkvd-test-") as scratch:
         values: dict[str, Any] = {
             "host": "127.0.0.1",
