@@ -47,10 +47,13 @@ exact; a row of 1 token costs one (mostly masked) chunk.
 
 Cost. Per chunk a program does ~250k FMAs (C = 16, N = 64, BV = 32), about 40% of them the key-side C x C
 matrices and their inverse, which the two value blocks of a head both compute. Compiled for sm_90 with
-C = 16 it fits 8 warps (next to no register spills); C = 32 spills ~1 KB a thread and C = 64 ~50 KB: correct
-but likely slower (bench/kernels.py measures all three). A further step, not taken here, is fla's split:
-the key-side work of all chunks in a parallel kernel (the WY form W = (I - A_ab)^{-1} (a e^{g_prev}) and
-friends, kept in HBM), leaving the sequential kernel two C x N x BV and two N x C x BV products per chunk.
+C = 16 it fits 8 warps (next to no register spills); C = 32 spills ~1 KB a thread and C = 64 ~25 KB: correct
+but likely slower (bench/kernels.py measures all three). C = 64 also takes 208 KB of shared memory with fp16/bf16
+inputs but 272 KB with fp32 ones (triton 3.6 and 3.9, sm_90): over the 227 KB a block may have on H100/H200, so
+fp32 inputs at C = 64 do not launch (OutOfResources); C <= 32 fits with any input dtype (at most 120 KB).
+A further step, not taken here, is fla's split: the key-side work of all chunks in a parallel kernel (the WY form
+W = (I - A_ab)^{-1} (a e^{g_prev}) and friends, kept in HBM), leaving the sequential kernel two C x N x BV and
+two N x C x BV products per chunk.
 """
 
 from __future__ import annotations

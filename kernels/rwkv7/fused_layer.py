@@ -278,7 +278,9 @@ def layer_norm_shift_mix(
         M=M,
         BLOCK_C=block_c,
         DECODE=decode,
-        SEARCH_STEPS=max(1, (B - 1).bit_length()),
+        # Unused in decode: a constant there, so that decode steps of every batch size share one compiled
+        # kernel (each CUDA-graph bucket would otherwise compile its own variant while serving).
+        SEARCH_STEPS=1 if decode else max(1, (B - 1).bit_length()),
         num_warps=min(16, max(4, block_c // 512)),
     )
     return out

@@ -56,6 +56,15 @@ class TritonRwkv7(TorchRwkv7):
             self.layers[i] = dataclasses.replace(ly, w_r=w_rkv[0], w_k=w_rkv[1], w_v=w_rkv[2])
             self._fused.append(_Fused(mix=ly.mix[list(_MIX_ORDER)].contiguous(), w_rkv=w_rkv))
 
+    def forward(self, batch: StepBatch, pool: StatePool) -> torch.Tensor:
+        if self.device.type != "cuda":
+            return super().forward(batch, pool)
+        # Triton launches on the current CUDA device (torch.cuda.current_device()) and its stream, not on the
+        # device of its arguments: without this guard a model on cuda:1 would run its kernels in device 0's
+        # context on device 1's memory. A no-op when the device is already current (or has no index).
+        with torch.cuda.device(self.device):
+            return super().forward(batch, pool)
+
     def _time_mix(
         self, i: int, ly: _Layer, x: torch.Tensor, v_first: torch.Tensor, batch: StepBatch, pool: StatePool
     ) -> tuple[torch.Tensor, torch.Tensor]:
