@@ -95,6 +95,9 @@ class TaskManager:
         self._stored: OrderedDict[str, Task] = OrderedDict()  # persistent tasks loaded from the store
         self._templates: dict[str, Task] = {}
         self._evicted: OrderedDict[str, None] = OrderedDict()
+        # Every round's consumer until it has returned, its final save included (a task's `runner` is
+        # cleared before that save, so that the round reads as ended at once).
+        self._consumers: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Loads the stored templates (pinned, with their states)."""
@@ -105,10 +108,9 @@ class TaskManager:
         log.info("%d templates loaded", len(self._templates))
 
     async def close(self) -> None:
-        """Waits for running rounds to record their end (the engine cancels them when it stops)."""
-        runners = [t.runner for t in self._all_in_memory() if t.runner is not None]
-        if runners:
-            await asyncio.wait(runners, timeout=10)
+        """Waits for running rounds to record their end and be saved (the engine cancels them when it stops)."""
+        if self._consumers:
+            await asyncio.wait(set(self._consumers), timeout=10)
 
     # Operations
 
@@ -287,6 +289,8 @@ class TaskManager:
         task.request_id = request.request_id
         task.request_base = len(task.round.tokens)
         task.runner = asyncio.create_task(self._consume(task, task.round, stream, base=task.request_base))
+        self._consumers.add(task.runner)
+        task.runner.add_done_callback(self._consumers.discard)
         task.round.notify()
 
     async def _consume(self, task: Task, round_: Round, stream: TokenStream, base: int) -> None:
