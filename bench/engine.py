@@ -11,6 +11,7 @@ Every figure is also given as a fraction of the roofline (perf-anchors.md §2): 
 the weights once (embedding excluded: it is a gather) and each row's state once and write it once:
 
     bytes(B) = W + B * S        W = weight bytes, S = state bytes read + written per row
+                                (S follows --state-dtype: an fp16 WKV state halves its main part)
     roofline tok/s(B) = B / max(bytes(B) / BW, B * F / PEAK)      F = FLOP per token
     prefill roofline tok/s = PEAK / F
 
@@ -22,9 +23,13 @@ Weights are generated on the benchmark device (random, released shapes: seconds 
     python bench/engine.py --size 7.2b --device cuda --dtype float16 --batch 1,8,64,256,1024 \\
         --prompt-lens 1024,8192 --temperature 0 --decode-tokens 64
     python bench/engine.py --size tiny --device cpu --decode-tokens 32
+    python bench/engine.py --size 2.9b --device cuda --dtype float16 --state-dtype float16 --batch 64,256,1024 \
+        --prompt-lens 1024,8192 --temperature 0     # the optional fp16 WKV state, measured on its own
 
 Writes <out-dir>/engine-<size>-<device>-<mode>-<date>.json (device, commit, date, conditions, roofline,
-figures), rewritten after every measured point so a run cut short still leaves its figures.
+figures), rewritten after every measured point so a run cut short still leaves its figures. With a
+--state-dtype other than float32, <mode> gets a suffix (greedy-fp16state, sampled-bf16state), so its
+figures are never mistaken for the default's.
 """
 
 from __future__ import annotations
@@ -129,17 +134,27 @@ class Roofline:
     flops_per_token: float  # F
     bandwidth: float | None  # BW, bytes/s
     peak_flops: float | None  # PEAK, FLOP/s
+    state_dtype: str = "float32"  # of the WKV state, the main part of S
 
     @classmethod
     def of(
-        cls, shape: ModelShape, parameters: int, dtype: torch.dtype, bw: float | None, peak: float | None
+        cls,
+        shape: ModelShape,
+        parameters: int,
+        dtype: torch.dtype,
+        bw: float | None,
+        peak: float | None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> Roofline:
         L, C, H, N, V = shape.n_layer, shape.n_embd, shape.n_head, shape.head_size, shape.vocab_size
         act = torch.empty((), dtype=dtype).element_size()
+        wkv = torch.empty((), dtype=state_dtype).element_size()
         read = parameters - V * C
-        # The pool: wkv [L, H, N, N] fp32 and two token-shift vectors [L, C] in the weight dtype, per row.
-        state = L * H * N * N * 4 + 2 * L * C * act
-        return cls(read * act, 2 * state, 2.0 * read + 512.0 * L * C, bw, peak)
+        # The pool, per row: wkv [L, H, N, N] in the state dtype and two token-shift vectors [L, C] in the
+        # weight dtype.
+        state = L * H * N * N * wkv + 2 * L * C * act
+        name = str(state_dtype).removeprefix("torch.")
+        return cls(read * act, 2 * state, 2.0 * read + 512.0 * L * C, bw, peak, name)
 
     def decode(self, batch: int) -> float | None:
         if self.bandwidth is None:
@@ -159,8 +174,8 @@ class Roofline:
             "W_definition": "(parameters - vocab*n_embd) * bytes per weight: every weight read once per step; "
             "the embedding is a gather of B rows",
             "S_state_bytes_per_row": self.state_bytes_per_row,
-            "S_definition": "2 * n_layer * (n_head*64*64*4 + 2*n_embd*bytes per weight): fp32 WKV state and "
-            "two token-shift vectors, read once and written once per step",
+            "S_definition": "2 * n_layer * (n_head*64*64*bytes per state element + 2*n_embd*bytes per weight): "
+            f"the WKV state ({self.state_dtype}) and two token-shift vectors, read once and written once per step",
             "F_flops_per_token": self.flops_per_token,
             "F_definition": "2 * (parameters - vocab*n_embd) + 512 * n_layer * n_embd",
             "BW_bytes_per_s": self.bandwidth,
@@ -241,6 +256,13 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     ap.add_argument("--dtype", default="auto", help="auto (fp16 on GPU, fp32 on CPU), float16/fp16, bfloat16/bf16, ...")
     ap.add_argument("--backend", default="auto", choices=["auto", "torch", "triton"])
+    ap.add_argument(
+        "--state-dtype",
+        default="float32",
+        choices=["float32", "float16", "bfloat16", "fp32", "fp16", "bf16"],
+        help="WKV state storage: float32 (the default), float16/fp16 or bfloat16/bf16; measure a non-default "
+        "one as its own run (its result file says so: ...-greedy-fp16state-...)",
+    )
     ap.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"], help="decode steps in CUDA graphs")
     ap.add_argument("--batch", default="1,8,32", help="decode batch sizes, e.g. 1,8,64,256,1024")
     ap.add_argument("--prompt-lens", default="128,1024", help="prefill prompt lengths, e.g. 1024,8192")
@@ -267,6 +289,7 @@ async def main() -> None:
     shape = model_shape(2, 128) if args.size == "tiny" else released_shape(args.size)
     device = resolve_device(args.device)
     dtype = resolve_dtype(DTYPES.get(args.dtype, args.dtype), device)
+    state_dtype = resolve_dtype(DTYPES.get(args.state_dtype, args.state_dtype), device)
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)
@@ -280,6 +303,7 @@ async def main() -> None:
     config = EngineConfig(
         device=str(device),
         dtype=str(dtype).removeprefix("torch."),
+        state_dtype=str(state_dtype).removeprefix("torch."),
         backend=args.backend,
         cuda_graphs=args.cuda_graphs,
         max_batch_size=max(batches),
@@ -296,10 +320,14 @@ async def main() -> None:
 
     client = build_engine(config, load=generate)
     load_seconds = time.perf_counter() - t0
-    print(f"{args.size} on {name} ({client.model.backend}, {client.model.dtype}): ready in {load_seconds:.1f}s")
-    roof = Roofline.of(shape, client.model.parameter_count, dtype, bandwidth, peak)
+    info = client.model
+    setup = f"{info.backend}, {info.dtype}, {info.state_dtype} state"
+    print(f"{args.size} on {name} ({setup}): ready in {load_seconds:.1f}s")
+    roof = Roofline.of(shape, info.parameter_count, dtype, bandwidth, peak, state_dtype)
     now = dt.datetime.now(dt.UTC)
     mode = "greedy" if args.temperature == 0 else "sampled"
+    if state_dtype != torch.float32:
+        mode += "-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}[state_dtype] + "state"
     out = args.out or args.out_dir / f"engine-{args.size}-{device.type}-{mode}-{now:%Y%m%d-%H%M%S}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     decode: list[dict[str, Any]] = []
@@ -322,7 +350,7 @@ async def main() -> None:
                 "vocab": shape.vocab_size,
                 "parameters": client.model.parameter_count,
                 "dtype": client.model.dtype,
-                "state_dtype": "float32 (WKV), weight dtype (token shift)",
+                "state_dtype": f"{client.model.state_dtype} (WKV), weight dtype (token shift)",
                 "backend": client.model.backend,
                 "cuda_graphs": args.cuda_graphs,
                 "cuda_graph_buckets_captured": list(graphs.captured) if graphs else [],

@@ -12,6 +12,8 @@
 #
 # Steps: preflight tests kernels engine-0.1b engine-1.5b engine-2.9b engine-7.2b graphs-off
 #        engine-2.9b-sampled package   (preflight always runs first)
+# Optional steps, run only when named: engine-2.9b-fp16state (engine-2.9b with --state-dtype float16,
+#        the reduced-precision WKV state: compare it with engine-2.9b from the same run)
 # Environment: PYTHON (default python3), RWKVD_COMMIT (the commit, for a tree copied without .git),
 # SUITE_BUDGET (seconds for the whole run, default 540 with $OUT set, else 0 = none; a step gets at most
 # what is left, one that cannot get 30 s is skipped), WHEEL_SITE (default /tmp/site), BANDWIDTH_GBS
@@ -38,6 +40,7 @@ DECODE_TOKENS=${DECODE_TOKENS:-64}
 BW_FLAG=()
 [ -n "${BANDWIDTH_GBS:-}" ] && BW_FLAG=(--bandwidth "$BANDWIDTH_GBS")
 ALL=(tests kernels engine-0.1b engine-1.5b engine-2.9b engine-7.2b graphs-off engine-2.9b-sampled package)
+OPTIONAL=(engine-2.9b-fp16state) # named on the command line only, never part of the default run
 
 limit() { # the time limit of a step: T_<STEP> overrides the default
     local var="T_$(echo "$1" | tr 'a-z.-' 'A-Z__')"
@@ -45,13 +48,14 @@ limit() { # the time limit of a step: T_<STEP> overrides the default
 }
 declare -A DEFAULT_LIMIT=(
     [preflight]=90 [tests]=300 [kernels]=90 [engine-0.1b]=240 [engine-1.5b]=300 [engine-2.9b]=360
-    [engine-7.2b]=540 [graphs-off]=180 [engine-2.9b-sampled]=240 [package]=170
+    [engine-7.2b]=540 [graphs-off]=180 [engine-2.9b-sampled]=240 [package]=170 [engine-2.9b-fp16state]=360
 ) # kernels: per head count; package: per size and path
 
 if [ "${1:-}" = "--list" ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'
     echo
     for s in preflight "${ALL[@]}"; do printf '  %-22s %4ss\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
+    for s in "${OPTIONAL[@]}"; do printf '  %-22s %4ss  (optional: only when named)\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
     exit 0
 fi
 STEPS=("$@")
@@ -256,6 +260,9 @@ for step in "${STEPS[@]}"; do
             engine "$step" "${step#engine-}" ;;
         graphs-off)
             engine graphs-off-0.1b 0.1b --cuda-graphs off --batch 1,8,64 --prompt-lens 1024 ;;
+        engine-2.9b-fp16state)
+            # Same points as engine-2.9b (greedy, $BATCHES, prefill 1024 and 8192), the WKV state in fp16.
+            engine "$step" 2.9b --state-dtype float16 ;;
         engine-2.9b-sampled)
             run engine-2.9b-sampled "$PY" bench/engine.py --size 2.9b --device cuda --dtype float16 --batch 64,256 \
                 --prompt-lens 1024 --decode-tokens 32 --out-dir "$DIR" ${BW_FLAG[@]+"${BW_FLAG[@]}"} ;;
@@ -278,6 +285,9 @@ for path in sorted(pathlib.Path(sys.argv[1]).glob("*.json")):
         continue
     c = r["conditions"]
     head = f"{r['benchmark']:12s} {c['size']:5s} {c.get('backend', c.get('strategy', '')):8s} {c.get('cuda_graphs', c.get('cuda_kernel', '')) or '':4s}"
+    state = c.get("state_dtype", "float32").split(" ")[0]
+    if state != "float32":  # a reduced-precision WKV state (--state-dtype): never to be read as the default's figures
+        head += f" [{state} state]"
     cells = [f"B{d['batch']} {d['tokens_per_second']:,.0f}" + (f" ({d['roofline_fraction']:.0%})" if d.get("roofline_fraction") else "") for d in r["decode"]]
     cells += [f"P{p['prompt_tokens']} {p['tokens_per_second']:,.0f}" + (f" ({p['roofline_fraction']:.0%})" if p.get("roofline_fraction") else "") for p in r["prefill"]]
     more = "" if r.get("complete", True) else "  [incomplete]"

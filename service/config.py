@@ -122,6 +122,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--backend", "engine.backend", str, "engine backend: auto, torch or triton"),
     _Option("--device", "engine.device", str, "auto, cpu, cuda or cuda:N"),
     _Option("--dtype", "engine.dtype", str, "weight dtype: auto, float32, float16, bfloat16"),
+    _Option(
+        "--state-dtype",
+        "engine.state_dtype",
+        str,
+        "WKV state storage: float32 (default), float16 or bfloat16 (half the state memory, fp32 math)",
+    ),
     _Option("--max-batch-size", "engine.max_batch_size", int, "sequences running at once (state slots)"),
     _Option("--max-batch-tokens", "engine.max_batch_tokens", int, "tokens read per engine step"),
     _Option("--prefill-chunk", "engine.prefill_chunk", int, "prompt tokens of one request read per step"),

@@ -158,10 +158,10 @@ class Metrics:
         self.model_info = Gauge(
             "rwkvd_model_info",
             "The served model (value 1)",
-            ["model", "version", "backend", "device", "dtype"],
+            ["model", "version", "backend", "device", "dtype", "state_dtype"],
             registry=r,
         )
-        self.model_info.labels(info.id, info.version, info.backend, info.device, info.dtype).set(1)
+        self.model_info.labels(info.id, info.version, info.backend, info.device, info.dtype, info.state_dtype).set(1)
         # Bound children: the step loop must not pay for label lookups.
         self._steps = {p: self.step_duration.labels(self.model, p) for p in ("prefill", "decode")}
         self._batch = self.batch_size.labels(self.model)

@@ -26,6 +26,14 @@ def test_flags_win_over_environment_which_wins_over_defaults() -> None:
     assert config.http_port == 8000  # default
 
 
+def test_state_dtype_is_float32_unless_asked() -> None:
+    assert parse_serve_args([], {}).engine.state_dtype == "float32"
+    assert parse_serve_args([], {"RWKVD_STATE_DTYPE": "bfloat16"}).engine.state_dtype == "bfloat16"
+    assert parse_serve_args(["--state-dtype", "float16"], {"RWKVD_STATE_DTYPE": "bfloat16"}).engine.state_dtype == (
+        "float16"
+    )
+
+
 def test_every_option_has_a_distinct_flag_and_variable() -> None:
     assert len({o.flag for o in OPTIONS}) == len(OPTIONS)
     assert len({o.env for o in OPTIONS}) == len(OPTIONS)
@@ -48,6 +56,8 @@ def test_api_keys_from_flags_environment_and_file(tmp_path: Path) -> None:
         ({"engine.backend": "cuda-magic"}, "backend"),
         ({"engine.max_batch_size": 64, "engine.max_batch_tokens": 8}, "max_batch_tokens"),
         ({"engine.prefill_chunk": 0}, "prefill_chunk"),
+        ({"engine.state_dtype": "auto"}, "state_dtype must be float32, float16 or bfloat16"),
+        ({"engine.state_dtype": "fp8"}, "state_dtype"),
         ({"nonsense": 1}, "unknown settings"),
     ],
 )

@@ -26,7 +26,20 @@ AUTH = {"authorization": f"Bearer {KEY}"}
 MODEL = "local/rwkv7-demo"
 APIS = {"grpc", "openai", "replicate", "tasks", "internal"}
 # Every label an rwkvd_* series may carry: all of them take a handful of values.
-ALLOWED_LABELS = {"model", "api", "outcome", "code", "phase", "stage", "kind", "version", "backend", "device", "dtype"}
+ALLOWED_LABELS = {
+    "model",
+    "api",
+    "outcome",
+    "code",
+    "phase",
+    "stage",
+    "kind",
+    "version",
+    "backend",
+    "device",
+    "dtype",
+    "state_dtype",
+}
 COMPLETION: dict[str, Any] = {"model": MODEL, "prompt": "Hello there", "max_tokens": 6, "ignore_eos": True}
 LONG_PROMPT = "The quick brown fox jumps over the lazy dog while the cat watches from the warm windowsill. " * 3
 
@@ -180,6 +193,7 @@ async def test_names_and_labels_are_the_documented_low_cardinality_ones(app: App
     info = [ls for (n, ls), v in samples.items() if n == "rwkvd_model_info" and v == 1]
     assert len(info) == 1
     assert dict(info[0])["backend"] == "torch"
+    assert dict(info[0])["state_dtype"] == "float32"
 
 
 async def test_errors_are_counted_by_api_and_status(app: App, client: httpx.AsyncClient) -> None:

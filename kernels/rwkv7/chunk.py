@@ -41,9 +41,11 @@ tl.where. This is exact in fp32 while C * max|w| / 2 stays well inside fp32's ex
 C * max|w| <= 150, i.e. |w| <= 9 at C = 16, 4.5 at C = 32, 2.3 at C = 64. RWKV-7's log decay is
 -exp(-0.5) * sigmoid(.) in (-0.607, 0), far inside that at every supported chunk size.
 Products are fp32 (`precision`: "ieee" by default, or "tf32x3"; never plain tf32), inputs any float dtype cast
-right after loading (the CPU interpreter computes bf16 on raw bits otherwise). Tail chunks are masked: loads
-past a row's end read w = 0 and zeros elsewhere, an identity step that adds nothing, so the final state is
-exact; a row of 1 token costs one (mostly masked) chunk.
+right after loading (the CPU interpreter computes bf16 on raw bits otherwise). The pool may hold the state in
+fp32, fp16 or bf16: it is converted to fp32 when loaded, stays fp32 across all of a row's chunks, and is rounded
+to the pool's dtype once, when stored (as in fused_recurrent.py: one rounding per prefill, not per token).
+Tail chunks are masked: loads past a row's end read w = 0 and zeros elsewhere, an identity step that adds
+nothing, so the final state is exact; a row of 1 token costs one (mostly masked) chunk.
 
 Cost. Per chunk a program does ~250k FMAs (C = 16, N = 64, BV = 32), about 40% of them the key-side C x C
 matrices and their inverse, which the two value blocks of a head both compute. Compiled for sm_90 with
@@ -78,7 +80,7 @@ NUM_WARPS = 8
 
 @triton.jit
 def _wkv7_chunk_kernel(
-    s_ptr,  # [P, H, N, N] fp32 state pool of one layer (row i = value, column j = key), updated in place
+    s_ptr,  # [P, H, N, N] fp32/fp16/bf16 state pool of one layer (row i = value, column j = key), in place
     slots_ptr,  # [B] int64 slot of each row
     cu_ptr,  # [B + 1] int64 packed start of each row (cu_seqlens)
     r_ptr,  # [T, H, N] packed tokens, row after row: receptance
@@ -110,7 +112,7 @@ def _wkv7_chunk_kernel(
     eye = tl.where(c[:, None] == c[None, :], 1.0, 0.0)  # [C, C]
     # S^T: [N key, BV value], the transposed tile of this program's value rows.
     tile = s_ptr + ((slot * H + head) * N + i[None, :]) * N + j[:, None]
-    st = tl.load(tile)
+    st = tl.load(tile).to(tl.float32)
     for t0 in range(bos, eos, C):
         tok = t0 + c  # [C] packed token index
         live = (tok < eos)[:, None]  # [C, 1]
@@ -160,7 +162,7 @@ def _wkv7_chunk_kernel(
         st = st * tl.exp(g_end)[:, None]
         st += tl.dot(tl.trans(b_out * half), u, input_precision=PRECISION)  # [N, BV]
         st += tl.dot(tl.trans(k_out * half), v, input_precision=PRECISION)
-    tl.store(tile, st)
+    tl.store(tile, st.to(s_ptr.dtype.element_ty))  # rounded once, after the row's last chunk
 
 
 def wkv7_chunk_prefill(
@@ -180,7 +182,8 @@ def wkv7_chunk_prefill(
     """Packed rows of different lengths, each from and back to its slot's state, chunk by chunk.
 
     Args:
-        pool: [P, H, N, N] fp32, one layer of the slot pool.
+        pool: [P, H, N, N] fp32, fp16 or bf16, one layer of the slot pool (fp32 math; rounded to the pool's
+            dtype once per row, when stored).
         slots: [B] int64, the slot of each row (distinct).
         cu_seqlens: [B + 1] int64, row i is tokens cu_seqlens[i]:cu_seqlens[i + 1] (each row >= 1 token).
         r, w, k, v, a, b: [T, H, N] packed (w is the log decay; exact while chunk_size * max|w| <= 150).

@@ -5,8 +5,16 @@ Two kernels, each beside its reference in naive.py (`wkv7_step`, `wkv7_varlen`):
 - varlen: packed rows of different lengths (prefill chunks), a loop over time inside the program.
 A program owns one (row, head, block of BV value rows) tile of the N x N state, loads it once from the
 pool, updates it for every token of the row, and stores it back: the state crosses HBM exactly once
-per step, and no gathered copy of the batch's states exists. State is fp32; inputs any float dtype
-(cast right after loading: the CPU interpreter computes bf16 on raw bits otherwise).
+per step, and no gathered copy of the batch's states exists. Inputs any float dtype (cast right after
+loading: the CPU interpreter computes bf16 on raw bits otherwise).
+
+The pool holds the state in fp32, fp16 or bf16 (the engine's --state-dtype); the math is fp32 whatever
+it holds: a program converts its tile to fp32 when it loads it, keeps it in fp32 registers for every
+token of its row, and rounds it to the pool's dtype once, when it stores it. So a prefill of T tokens
+rounds a reduced-precision state once, where T decode steps round it T times: with an fp16 state a
+prompt read in one prefill lands closer to the fp32 result than the same tokens read one per step.
+(Rounding is to nearest even on a GPU; Triton's CPU interpreter truncates fp32 to bf16.) With an fp32
+pool the conversions are no-ops: the kernels are the fp32 ones, bit for bit.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _wkv7_decode_kernel(
-    s_ptr,  # [P, H, N, N] fp32 state pool of one layer (row i = value, column j = key), updated in place
+    s_ptr,  # [P, H, N, N] fp32/fp16/bf16 state pool of one layer (row i = value, column j = key), in place
     slots_ptr,  # [B] int64 slot of each row
     r_ptr,  # [B, H, N] receptance
     w_ptr,  # [B, H, N] log decay (< 0)
@@ -53,16 +61,16 @@ def _wkv7_decode_kernel(
     b = tl.load(b_ptr + vec + j).to(tl.float32)
     v = tl.load(v_ptr + vec + i).to(tl.float32)
     tile = s_ptr + ((slot * H + head) * N + i[:, None]) * N + j[None, :]
-    state = tl.load(tile)
+    state = tl.load(tile).to(tl.float32)
     sa = tl.sum(state * a[None, :], axis=1)  # S @ a
     state = state * decay[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
-    tl.store(tile, state)
+    tl.store(tile, state.to(s_ptr.dtype.element_ty))  # y below reads the unrounded fp32 state
     tl.store(y_ptr + vec + i, tl.sum(state * r[None, :], axis=1))
 
 
 @triton.jit
 def _wkv7_varlen_kernel(
-    s_ptr,  # [P, H, N, N] fp32 state pool of one layer, updated in place
+    s_ptr,  # [P, H, N, N] fp32/fp16/bf16 state pool of one layer, updated in place (fp32 in between)
     slots_ptr,  # [B] int64 slot of each row
     cu_ptr,  # [B + 1] int64 packed start of each row (cu_seqlens)
     r_ptr,  # [T, H, N] packed tokens, row after row
@@ -86,7 +94,7 @@ def _wkv7_varlen_kernel(
     j = tl.arange(0, N)
     i = pid_v * BV + tl.arange(0, BV)
     tile = s_ptr + ((slot * H + head) * N + i[:, None]) * N + j[None, :]
-    state = tl.load(tile)
+    state = tl.load(tile).to(tl.float32)
     for t in range(bos, eos):
         vec = (t * H + head) * N
         r = tl.load(r_ptr + vec + j).to(tl.float32)
@@ -98,16 +106,23 @@ def _wkv7_varlen_kernel(
         sa = tl.sum(state * a[None, :], axis=1)
         state = state * decay[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
         tl.store(y_ptr + vec + i, tl.sum(state * r[None, :], axis=1))
-    tl.store(tile, state)
+    tl.store(tile, state.to(s_ptr.dtype.element_ty))  # rounded once, after the row's last token
 
 
 def _block_v(n: int) -> int:
     return n if INTERPRETED else max(16, n // 2)
 
 
+# What a state pool may hold; the math is fp32 for each.
+POOL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _check(pool: torch.Tensor, slots: torch.Tensor, *vectors: torch.Tensor) -> tuple[int, int]:
-    if pool.dtype != torch.float32 or not pool.is_contiguous() or pool.dim() != 4:
-        raise ValueError("the state pool must be a contiguous fp32 [P, H, N, N] tensor")
+    if pool.dtype not in POOL_DTYPES or not pool.is_contiguous() or pool.dim() != 4:
+        raise ValueError(
+            f"the state pool must be a contiguous fp32, fp16 or bf16 [P, H, N, N] tensor, got {pool.dtype} "
+            f"{tuple(pool.shape)}"
+        )
     _, H, N, _ = pool.shape
     if slots.dtype != torch.int64:
         raise ValueError("slots must be int64")
@@ -130,7 +145,7 @@ def wkv7_decode(
     """One token for each of B rows, updating their states in the pool in place.
 
     Args:
-        pool: [P, H, N, N] fp32, one layer of the slot pool.
+        pool: [P, H, N, N] fp32, fp16 or bf16, one layer of the slot pool (fp32 math, rounded when stored).
         slots: [B] int64, the slot of each row (distinct).
         r, w, k, v, a, b: [B, H, N] (w is the log decay).
     Returns:
@@ -158,7 +173,8 @@ def wkv7_prefill(
     """Packed rows of different lengths, each from and back to its slot's state.
 
     Args:
-        pool: [P, H, N, N] fp32, one layer of the slot pool.
+        pool: [P, H, N, N] fp32, fp16 or bf16, one layer of the slot pool (a row's state stays fp32 across
+            its tokens and is rounded to the pool's dtype once, at the end).
         slots: [B] int64, the slot of each row (distinct).
         cu_seqlens: [B + 1] int64, row i is tokens cu_seqlens[i]:cu_seqlens[i + 1].
         r, w, k, v, a, b: [T, H, N] packed (w is the log decay).

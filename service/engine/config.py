@@ -16,6 +16,10 @@ class EngineConfig:
     backend: str = "auto"  # auto | torch | triton
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "auto"  # auto (fp32 on CPU, fp16 on GPU) | float32 | float16 | bfloat16
+    # Storage dtype of the WKV state in the slot pool, snapshots and exported states: float32 | float16 |
+    # bfloat16. Math is fp32 whatever this says (loaded, computed, rounded once per step when stored); fp16
+    # halves the state's memory and per-step traffic at slightly different numerics. Never the default.
+    state_dtype: str = "float32"
     # Sequences holding a state slot at once = rows of a step.
     max_batch_size: int = 64
     # Tokens read per step, decode rows plus prefill chunks.
@@ -40,6 +44,8 @@ class EngineConfig:
             problems.append(f"backend must be auto, torch or triton, not {self.backend!r}")
         if self.dtype not in ("auto", "float32", "float16", "bfloat16"):
             problems.append(f"dtype must be auto, float32, float16 or bfloat16, not {self.dtype!r}")
+        if self.state_dtype not in ("float32", "float16", "bfloat16"):
+            problems.append(f"state_dtype must be float32, float16 or bfloat16, not {self.state_dtype!r}")
         for name in ("max_batch_size", "max_batch_tokens", "prefill_chunk", "max_prompt_tokens", "max_new_tokens"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be at least 1")

@@ -147,12 +147,18 @@ class LocalEngineClient:
         return await asyncio.wrap_future(self._engine.call(lambda: to_bytes(state)))
 
     async def import_state(self, data: bytes) -> StateRef:
-        model = self._runner.model
-        # Parsing and device copies run in the engine thread, off the event loop and between steps.
+        model, pool = self._runner.model, self._runner.pool
+        # Parsing and device copies run in the engine thread, off the event loop and between steps. A state
+        # saved under another --dtype or --state-dtype is converted to this engine's (from_bytes).
         return await asyncio.wrap_future(
             self._engine.call(
                 lambda: from_bytes(
-                    data, model_version=self._model.version, shape=model.shape, device=model.device, dtype=model.dtype
+                    data,
+                    model_version=self._model.version,
+                    shape=model.shape,
+                    device=model.device,
+                    dtype=model.dtype,
+                    state_dtype=pool.state_dtype,
                 )
             )
         )
@@ -198,6 +204,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """A dtype setting (--dtype, --state-dtype) as a torch dtype; "auto" is fp16 on CUDA, else fp32."""
     if name == "auto":
         return torch.float16 if device.type == "cuda" else torch.float32
     return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[name]
@@ -271,6 +278,7 @@ def _assemble(config: EngineConfig, load: Callable[[], Checkpoint] | None) -> Lo
         ckpt.sha256,
         PrefixCache(config.prefix_cache_entries, config.prefix_cache_min_tokens),
         cuda_graphs=graphs_enabled(config.cuda_graphs, backend.device),
+        state_dtype=resolve_dtype(config.state_dtype, backend.device),
     )
     engine = Engine(runner, tokenizer, config)
     s = ckpt.shape
@@ -288,6 +296,7 @@ def _assemble(config: EngineConfig, load: Callable[[], Checkpoint] | None) -> Lo
         parameter_count=ckpt.parameter_count,
         checkpoint_dtype=ckpt.dtype_name,
         dtype=str(backend.dtype).removeprefix("torch."),
+        state_dtype=str(runner.pool.state_dtype).removeprefix("torch."),
         backend=backend.name,
         device=str(backend.device),
         demo=demo,
@@ -297,13 +306,14 @@ def _assemble(config: EngineConfig, load: Callable[[], Checkpoint] | None) -> Lo
         aliases=config.model_aliases,
     )
     log.info(
-        "model %s (%s, L%d C%d, %.1fM params, %s) on %s/%s ready in %.1fs",
+        "model %s (%s, L%d C%d, %.1fM params, %s, %s WKV state) on %s/%s ready in %.1fs",
         ckpt_id,
         ckpt.sha256[:12],
         s.n_layer,
         s.n_embd,
         ckpt.parameter_count / 1e6,
         info.dtype,
+        info.state_dtype,
         backend.name,
         backend.device,
         time.time() - started,

@@ -3,7 +3,7 @@
 Math per token is BlinkDL's (kernels/rwkv7/naive.py holds the WKV recurrence and the elementwise
 stages of a layer). Weights are prepared once at load (squeezed, ln0 folded into the embedding, cast
 to the compute dtype); the decay, the WKV state and the output GroupNorm are computed in fp32 whatever
-the weight dtype. Runs on CPU or GPU.
+the weight dtype (and whatever dtype the pool stores the WKV state in). Runs on CPU or GPU.
 """
 
 from __future__ import annotations
@@ -176,11 +176,16 @@ class TorchRwkv7:
         b: torch.Tensor,
     ) -> torch.Tensor:
         """WKV over the step's rows (the reference recurrence): gathers their states from `store`
-        [P, H, N, N], runs, writes them back. Kernel backends override this with in-place kernels."""
+        [P, H, N, N], runs, writes them back. Kernel backends override this with in-place kernels.
+
+        A store of fp16/bf16 (--state-dtype) is gathered, converted to fp32, run in fp32 over all of a
+        row's tokens and rounded back once when written: where the kernels round it too."""
         state = store.index_select(0, batch.slots)  # [B, H, N, N]
+        if state.dtype != torch.float32:
+            state = state.float()
         if batch.is_decode:
             y = wkv7_step(state, r, w, k, v, a, b)
         else:
             y = wkv7_varlen(r, w, k, v, a, b, state, batch.lengths)
-        store.index_copy_(0, batch.slots, state)
+        store.index_copy_(0, batch.slots, state.to(store.dtype))  # no copy when the store is fp32
         return y

@@ -236,7 +236,7 @@ class ModelInfo:
     lora: tuple[int, int, int, int]  # decay, aaa, mv, gate
     parameter_count: int
     checkpoint_dtype: str
-    dtype: str
+    dtype: str  # weights and activations in memory
     backend: str
     device: str
     demo: bool
@@ -244,6 +244,7 @@ class ModelInfo:
     load_time: float  # unix seconds
     max_batch_size: int
     aliases: tuple[str, ...] = ()
+    state_dtype: str = "float32"  # the WKV state in the slot pool and in snapshots (--state-dtype)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+import torch
+
 from .backend import ModelBackend, StepBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .prefix_cache import PrefixCache
@@ -41,12 +43,16 @@ class Runner:
         *,
         cuda_graphs: bool = False,
         capture: Capture | None = None,
+        state_dtype: torch.dtype = torch.float32,
     ) -> None:
-        """`cuda_graphs`: decode steps through DecodeGraphs (`capture` replaces CUDA capture in tests)."""
+        """`cuda_graphs`: decode steps through DecodeGraphs (`capture` replaces CUDA capture in tests);
+        `state_dtype`: what the pool stores the WKV state in (--state-dtype)."""
         self.model = model
         self.device = model.device
         self.model_version = model_version
-        self.pool = StatePool(model.shape, slots, model.device, model.dtype, scratch=cuda_graphs)
+        self.pool = StatePool(
+            model.shape, slots, model.device, model.dtype, state_dtype=state_dtype, scratch=cuda_graphs
+        )
         self.graphs = DecodeGraphs(model, self.pool, slots, capture) if cuda_graphs else None
         self.sampler = Sampler(slots, model.shape.vocab_size, model.device)
         self.prefix_cache = prefix_cache

@@ -4,6 +4,14 @@ A snapshot is a value: the RNN state after reading `token_count` tokens, the tok
 but not yet read, and the sampler's penalty state and random-stream position. It never changes after
 it is made; resuming copies it into a slot. Bytes are safetensors with the model version in the
 metadata, so a state is only ever imported into the model it came from.
+
+Dtypes. A snapshot is a copy of a slot, so it keeps the pool's dtypes: the WKV state in the engine's
+--state-dtype (fp32 by default, fp16 or bf16 when asked), the token-shift vectors in the activation
+dtype. Exported bytes (ExportSession, persisted tasks and templates) hold each tensor in that dtype,
+which safetensors records per tensor: an fp16-state server writes half the bytes. Importing converts
+to the importing engine's dtypes, so a state saved under one --state-dtype (or --dtype) loads under
+another: widening is exact, narrowing rounds like a step does, and a value beyond the narrower dtype's
+range (fp16: 65504) is refused as INVALID_STATE rather than turned into an infinity.
 """
 
 from __future__ import annotations
@@ -60,10 +68,27 @@ def to_bytes(snapshot: StateSnapshot) -> bytes:
     return save({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, metadata=meta)
 
 
+# Dtypes an exported state's float tensors may have (any of them imports into any engine: converted).
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
 def from_bytes(
-    data: bytes, *, model_version: str, shape: ModelShape, device: torch.device, dtype: torch.dtype
+    data: bytes,
+    *,
+    model_version: str,
+    shape: ModelShape,
+    device: torch.device,
+    dtype: torch.dtype,
+    state_dtype: torch.dtype = torch.float32,
 ) -> StateSnapshot:
-    """Parses and checks exported state bytes; InvalidArgument (field "state") when they do not fit."""
+    """Parses and checks exported state bytes; InvalidArgument (field "state") when they do not fit.
+
+    The token-shift vectors come back in `dtype` and the WKV state in `state_dtype` (the importing
+    engine's), whatever dtypes the bytes hold."""
     from safetensors.torch import load
 
     def bad(why: str) -> InvalidArgument:
@@ -96,13 +121,22 @@ def from_bytes(
     if token_count < 0 or position < 0:
         raise bad("token_count and position must not be negative")
     for key in ("att_x", "wkv", "ffn_x", "penalties"):
+        if tensors[key].dtype not in FLOAT_DTYPES:
+            raise bad(f"tensor {key} is {_name(tensors[key].dtype)}, expected float32, float16 or bfloat16")
         if not bool(torch.isfinite(tensors[key].float()).all()):
             raise bad(f"tensor {key} has NaN or infinite values")
-    rnn = RnnState(
-        tensors["att_x"].to(device, dtype),
-        tensors["wkv"].to(device, torch.float32),
-        tensors["ffn_x"].to(device, dtype),
-    )
+    converted = {}
+    for key, to in (("att_x", dtype), ("wkv", state_dtype), ("ffn_x", dtype)):
+        t = tensors[key].to(device, to)
+        # Only a narrowing conversion can overflow (an fp32 or bf16 state into fp16).
+        if t.dtype != tensors[key].dtype and not bool(torch.isfinite(t).all()):
+            peak = float(tensors[key].float().abs().max())
+            raise bad(
+                f"tensor {key} ({_name(tensors[key].dtype)}) has values beyond {_name(to)}'s range (max |x| = "
+                f"{peak:.4g}): this server keeps it in {_name(to)} (--state-dtype / --dtype)"
+            )
+        converted[key] = t
+    rnn = RnnState(converted["att_x"], converted["wkv"], converted["ffn_x"])
     return StateSnapshot(
         rnn=rnn,
         pending_token=pending,

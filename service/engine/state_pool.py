@@ -1,9 +1,12 @@
 """The preallocated pool of per-sequence RNN states, one slot per running sequence.
 
 Layout is layer-major so a layer's forward reads one contiguous tensor: att_x [L, P, C] and ffn_x
-[L, P, C] (token-shift inputs, activation dtype), wkv [L, P, H, N, N] (always fp32). A snapshot is a
-copy of one slot (`RnnState`); restoring, forking and zeroing are copies inside this pool. No other
-module writes these tensors except the model forward, in place, by slot index.
+[L, P, C] (token-shift inputs, activation dtype), wkv [L, P, H, N, N] in the state dtype (fp32 by
+default; fp16 or bf16 with --state-dtype, which halves the pool and the state traffic of every step:
+the WKV math stays fp32, each step loads the state, converts it and rounds it once when storing it).
+A snapshot is a copy of one slot (`RnnState`), in the pool's dtypes; restoring, forking and zeroing are
+copies inside this pool, and restoring a state of other dtypes (an import) converts it. No other module
+writes these tensors except the model forward, in place, by slot index.
 
 With `scratch=True` the pool holds one more slot that is never handed out: the rows that pad a decode
 step up to a CUDA graph's batch size read and write it (service/engine/cuda_graphs.py), so padding
@@ -24,7 +27,7 @@ class RnnState:
     """One sequence's state, detached from the pool."""
 
     att_x: torch.Tensor  # [L, C]
-    wkv: torch.Tensor  # [L, H, N, N] fp32
+    wkv: torch.Tensor  # [L, H, N, N] in the pool's state dtype
     ffn_x: torch.Tensor  # [L, C]
 
     @property
@@ -35,17 +38,31 @@ class RnnState:
         return RnnState(self.att_x.to(device), self.wkv.to(device), self.ffn_x.to(device))
 
 
+STATE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 class StatePool:
     def __init__(
-        self, shape: ModelShape, slots: int, device: torch.device, dtype: torch.dtype, *, scratch: bool = False
+        self,
+        shape: ModelShape,
+        slots: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        *,
+        state_dtype: torch.dtype = torch.float32,
+        scratch: bool = False,
     ) -> None:
+        """`dtype`: the token-shift vectors' (the activation dtype); `state_dtype`: the WKV state's."""
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"the WKV state dtype must be float32, float16 or bfloat16, not {state_dtype}")
         L, C, H, N = shape.n_layer, shape.n_embd, shape.n_head, shape.head_size
         self.shape = shape
         self.device = device
         self.dtype = dtype
+        self.state_dtype = state_dtype
         P = slots + 1 if scratch else slots
         self.att_x = torch.zeros(L, P, C, device=device, dtype=dtype)  # [L, P, C]
-        self.wkv = torch.zeros(L, P, H, N, N, device=device, dtype=torch.float32)  # [L, P, H, N, N]
+        self.wkv = torch.zeros(L, P, H, N, N, device=device, dtype=state_dtype)  # [L, P, H, N, N]
         self.ffn_x = torch.zeros(L, P, C, device=device, dtype=dtype)  # [L, P, C]
         self._slots = slots
         # The last slot, never allocated: padding rows of CUDA-graph decode steps (None without one).
@@ -81,6 +98,7 @@ class StatePool:
         return RnnState(self.att_x[:, slot].clone(), self.wkv[:, slot].clone(), self.ffn_x[:, slot].clone())
 
     def restore(self, slot: int, state: RnnState) -> None:
+        """Copies `state` into the slot, converting it to the pool's dtypes if it has others."""
         self.att_x[:, slot].copy_(state.att_x)
         self.wkv[:, slot].copy_(state.wkv)
         self.ffn_x[:, slot].copy_(state.ffn_x)
@@ -90,6 +108,6 @@ class StatePool:
         L, C, H, N = self.shape.n_layer, self.shape.n_embd, self.shape.n_head, self.shape.head_size
         return RnnState(
             torch.zeros(L, C, device=self.device, dtype=self.dtype),
-            torch.zeros(L, H, N, N, device=self.device, dtype=torch.float32),
+            torch.zeros(L, H, N, N, device=self.device, dtype=self.state_dtype),
             torch.zeros(L, C, device=self.device, dtype=self.dtype),
         )

@@ -154,6 +154,7 @@ def model(m: ModelInfo) -> models_pb2.Model:
         source=m.source,
         load_time=timestamp(m.load_time),
         max_batch_size=m.max_batch_size,
+        state_dtype=m.state_dtype,
     )
 
 

@@ -3,10 +3,13 @@ eviction, and what a new manager on the same store finds (a restart)."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+import torch
 
 from service.domain.sampling import SamplingOverrides
 from service.domain.task_state import RoundDelta, RoundEnded, RoundStarted, Task, TaskKind, TaskStatus
@@ -232,4 +235,60 @@ async def test_stored_tasks_and_templates_survive_a_new_manager(engine: LocalEng
         assert resumed.round.tokens == expected.round.tokens
     finally:
         await second.close()
+        await store.close()
+
+
+async def test_a_task_stored_under_an_fp16_state_loads_under_fp32(engine: LocalEngineClient, tmp_path: Path) -> None:
+    # --state-dtype changed across a restart: the state file holds fp16, the new engine keeps fp32 (converted,
+    # exactly); the other way round rounds it (tests/engine/test_state_dtype.py covers both directions).
+    half = build_engine(EngineConfig(max_batch_size=1, state_dtype="float16"))
+    store = await Store.open(tmp_path)
+    try:
+        first = TaskManager(half, store)
+        task = await finished(await first.create(TaskKind.PERSISTENT, TaskInput(text="Saved in fp16"), GREEDY))
+        assert task.state is not None
+        assert task.state.rnn.wkv.dtype == torch.float16  # type: ignore[attr-defined]
+        await first.close()  # waits for the round's final save
+    finally:
+        await store.close()
+        half.shutdown()
+
+    store = await Store.open(tmp_path)
+    second = TaskManager(engine, store)
+    await second.start()
+    try:
+        resumed = await finished(await second.continue_(task.id, None, SamplingOverrides(max_tokens=4)))
+        assert resumed.round.finish_reason is FinishReason.LENGTH
+        assert len(resumed.round.tokens) > len(task.round.tokens)
+        # The first continuation read the stored state: after it the task holds the fp32 engine's snapshot.
+        assert resumed.state is not None
+        assert resumed.state.rnn.wkv.dtype == torch.float32  # type: ignore[attr-defined]
+    finally:
+        await second.close()
+        await store.close()
+
+
+async def test_close_waits_for_the_save_of_a_round_that_just_ended(
+    engine: LocalEngineClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A round's end is announced, then saved: a shutdown right between the two must still wait for the save.
+    store = await Store.open(tmp_path)
+    slow = asyncio.Event()
+    save_task = store.save_task
+
+    async def slow_save_task(*args: Any, **kwargs: Any) -> None:  # the fault: a store that takes its time
+        if slow.is_set():
+            await asyncio.sleep(0.3)
+        await save_task(*args, **kwargs)
+
+    monkeypatch.setattr(store, "save_task", slow_save_task)
+    manager = TaskManager(engine, store)
+    try:
+        task = await manager.create(TaskKind.PERSISTENT, TaskInput(text="Saved before the end"), GREEDY)
+        slow.set()  # the creation's own save is done; the round's end is saved slowly
+        await finished(task)
+        assert await store.load_state(task.id) is None  # announced, not yet saved
+        await manager.close()
+        assert await store.load_state(task.id) is not None
+    finally:
         await store.close()

@@ -177,14 +177,15 @@ def compare_replay_with_eager(
     sizes: list[int],
     steps: int,
     atol: float,
+    state_dtype: torch.dtype = torch.float32,
 ) -> DecodeGraphs:
     """Greedy decode steps of batches of `sizes` rows, eager on one pool and through DecodeGraphs on another.
 
     Checks logits and states of the batch's rows, the same greedy tokens, and that slots outside the
     batch keep their exact state. Returns the DecodeGraphs."""
     device = model.device
-    eager_pool = StatePool(model.shape, SLOTS, device, model.dtype)
-    graph_pool = StatePool(model.shape, SLOTS, device, model.dtype, scratch=True)
+    eager_pool = StatePool(model.shape, SLOTS, device, model.dtype, state_dtype=state_dtype)
+    graph_pool = StatePool(model.shape, SLOTS, device, model.dtype, state_dtype=state_dtype, scratch=True)
     random_states(eager_pool, SLOTS, 0)
     random_states(graph_pool, SLOTS, 0)
     graphs = DecodeGraphs(model, graph_pool, SLOTS, capture)
@@ -205,7 +206,7 @@ def compare_replay_with_eager(
             )
             for s in slots:
                 for a, b in zip(live(graph_pool, s), live(eager_pool, s), strict=True):
-                    torch.testing.assert_close(a, b, atol=atol, rtol=0)
+                    torch.testing.assert_close(a.float(), b.float(), atol=atol, rtol=0)
             assert want.argmax(-1).tolist() == got.argmax(-1).tolist(), (n, step)
             tokens = want.argmax(-1).tolist()
         for s in others:
@@ -388,6 +389,23 @@ def test_graph_decode_close_to_eager_on_cuda_fp16(tiny_checkpoint: Path, backend
         torch.testing.assert_close(got, want, atol=5e-2, rtol=0)
         torch.testing.assert_close(graph_pool.wkv[:, slots], eager_pool.wkv[:, slots], atol=1e-2, rtol=0)
     assert not graphs.failed
+
+
+@pytest.mark.gpu
+def test_graph_decode_equals_eager_on_cuda_with_an_fp16_state(tiny_checkpoint: Path) -> None:
+    # fp32 weights, the WKV state stored in fp16 (--state-dtype): replay and eager differ only by GEMMs of
+    # different row counts (fp32 noise) and the fp16 roundings that noise flips: one fp16 ulp, 2e-3 at |S| < 4.
+    model = cuda_model(tiny_checkpoint, "triton", "float32")
+    graphs = compare_replay_with_eager(model, None, [1, 3, 8, 12, 16, 2], steps=4, atol=4e-3, state_dtype=torch.float16)
+    assert not graphs.failed, "capture failed with an fp16 state pool"
+
+
+def test_padded_replay_equals_eager_with_a_bf16_state(tiny_model: TorchRwkv7) -> None:
+    # The scratch slot and padding work on a reduced-precision pool too (CPU, torch backend, fp32 weights).
+    graphs = compare_replay_with_eager(
+        tiny_model, FakeCapture(), [1, 3, 6], steps=2, atol=2 * 2.0**-6, state_dtype=torch.bfloat16
+    )
+    assert graphs.captured == (1, 4, 8)
 
 
 class SyncingModel:

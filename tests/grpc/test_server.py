@@ -65,6 +65,7 @@ async def test_health_reflection_and_models() -> None:
         assert [m.id for m in listing.models] == ["local/rwkv7-demo"]
         demo = listing.models[0]
         assert (demo.demo, demo.architecture, demo.backend, demo.device) == (True, "rwkv7", "torch", "cpu")
+        assert (demo.dtype, demo.state_dtype) == ("float32", "float32")  # --state-dtype's default
         assert len(demo.version) == 64  # sha256 hex of the weights
         int(demo.version, 16)
         assert (demo.shape.n_layer, demo.shape.n_embd, demo.shape.vocab_size) == (2, 128, 65536)

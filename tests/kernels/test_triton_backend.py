@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from service.engine.backend import StepBatch
@@ -44,13 +45,53 @@ def test_prefill_then_decode_matches_the_torch_backend(tiny_checkpoint: Path) ->
             assert (a - b).abs().max() < TOLERANCE
 
 
-async def test_the_engine_on_the_triton_backend_generates_what_the_torch_backend_does(tiny_checkpoint: Path) -> None:
+# A reduced-precision state pool (--state-dtype) on both sides: each backend rounds a row's state once per step,
+# at the same points, so they differ by the fp32 noise above plus rounding flips it causes (one ulp of the state
+# dtype at the state's magnitude, |S| ~1 here) and what those flips do to the next steps. Observed over these
+# four steps: fp16 logits 3.5e-6 apart, states 2.4e-4 (one fp16 ulp at |S| in [0.25, 0.5)); bf16 logits 7.6e-4,
+# states 1.6e-2, larger because Triton's CPU interpreter truncates fp32 to bf16 where torch rounds to nearest
+# (a GPU rounds to nearest too). Tolerances: logits 1e-4 (fp16) / 5e-3 (bf16), states 2 ulps at |S| = 2.
+REDUCED_TOLERANCE = {torch.float16: (1e-4, 2 * 2.0**-9), torch.bfloat16: (5e-3, 2 * 2.0**-6)}
+
+
+@pytest.mark.parametrize("state_dtype", [torch.float16, torch.bfloat16])
+def test_a_reduced_precision_state_pool_matches_the_torch_backend(
+    tiny_checkpoint: Path, state_dtype: torch.dtype
+) -> None:
+    ckpt = load_checkpoint(tiny_checkpoint)
+    cpu = torch.device("cpu")
+    reference, kernels = TorchRwkv7(ckpt, cpu, torch.float32), TritonRwkv7(ckpt, cpu, torch.float32)
+    pools = [StatePool(ckpt.shape, 4, cpu, torch.float32, state_dtype=state_dtype) for _ in range(2)]
+    logits_tolerance, state_tolerance = REDUCED_TOLERANCE[state_dtype]
+    steps = [
+        ([[11, 22, 33, 44], [5], [7, 8]], [3, 0, 1], [0, 1, 2]),  # prefill (the recurrent kernel)
+        ([[55], [6], [9]], [3, 0, 1], [0, 1, 2]),  # decode
+        ([[66, 77], [10]], [0, 3], [1]),  # mixed
+        ([[88], [12], [13]], [3, 0, 1], [0, 1, 2]),  # decode from the mixed step's states
+    ]
+    for rows, slots, wanted in steps:
+        batch = StepBatch.build(rows, slots, wanted, cpu)
+        expected = reference.forward(batch, pools[0])
+        got = kernels.forward(batch, pools[1])
+        assert (got - expected).abs().max() < logits_tolerance
+        assert pools[0].wkv.dtype == pools[1].wkv.dtype == state_dtype
+        assert (pools[0].wkv.float() - pools[1].wkv.float()).abs().max() < state_tolerance
+
+
+@pytest.mark.parametrize("state_dtype", ["float32", "float16"])
+async def test_the_engine_on_the_triton_backend_generates_what_the_torch_backend_does(
+    tiny_checkpoint: Path, state_dtype: str
+) -> None:
+    # With an fp16 state too: both backends round it at the same points (test above), so greedy tokens agree.
     engines = {
-        name: build_engine(EngineConfig(model_path=str(tiny_checkpoint), backend=name, max_batch_size=4))
+        name: build_engine(
+            EngineConfig(model_path=str(tiny_checkpoint), backend=name, max_batch_size=4, state_dtype=state_dtype)
+        )
         for name in ("torch", "triton")
     }
     try:
         assert engines["triton"].model.backend == "triton"
+        assert engines["triton"].model.state_dtype == engines["torch"].model.state_dtype == state_dtype
         outputs = {}
         for name, engine in engines.items():
             params = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
