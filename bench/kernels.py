@@ -33,6 +33,7 @@ from bench.engine import RESULTS, device_name, git_commit
 from kernels.rwkv7.chunk import PRECISIONS, wkv7_chunk_prefill
 from kernels.rwkv7.fused_recurrent import wkv7_decode, wkv7_prefill
 from kernels.rwkv7.naive import wkv7_step
+from kernels.rwkv7.testing import wkv_inputs
 
 N = 64
 # Peak HBM bandwidth by device name (bytes/s); perf-anchors.md §2.1.
@@ -59,12 +60,7 @@ def timed(fn: Callable[[], object], repeats: int = 50) -> float:
 
 
 def inputs(rows: int, heads: int) -> list[torch.Tensor]:
-    shape = (rows, heads, N)
-    r, k, v = (torch.randn(shape, device="cuda", dtype=torch.float16) for _ in range(3))
-    w = (-0.6065 * torch.sigmoid(torch.randn(shape, device="cuda"))).half()
-    kk = torch.nn.functional.normalize(torch.randn(shape, device="cuda"), dim=-1)
-    lr = torch.sigmoid(torch.randn(shape, device="cuda"))
-    return [r, w, k, v, (-kk).half().contiguous(), (kk * lr).half().contiguous()]
+    return wkv_inputs(rows, heads, N, dtype=torch.float16, device="cuda")
 
 
 def decode_case(batch: int, heads: int, fla: Any) -> dict[str, Any]:

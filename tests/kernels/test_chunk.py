@@ -6,7 +6,6 @@ On a CPU it runs in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRE
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 from kernels.rwkv7.chunk import wkv7_chunk_prefill
 from kernels.rwkv7.fused_recurrent import wkv7_prefill
 from kernels.rwkv7.naive import wkv7_varlen
+from kernels.rwkv7.testing import MODEL_W_MIN, wkv_inputs
 from service.engine import triton_backend
 from service.engine.backend import StepBatch
 from service.engine.checkpoint import load_checkpoint
@@ -32,7 +32,6 @@ pytestmark = pytest.mark.filterwarnings(
 H, N, P = 2, 64, 7
 LENGTHS = [1, 5, 16, 17, 40]
 SLOTS = [4, 0, 6, 2, 3]
-MODEL_W_MIN = -math.exp(-0.5)  # RWKV-7's log decay is -exp(-0.5) * sigmoid(.), in (-0.607, 0)
 HARSH_W_MIN = -8.0  # decay e^-8 per token: a chunk of 16 spans e^-128
 # Inputs are rounded to their dtype before both sides see them, so this compares the arithmetic alone.
 # Observed: max |dy| ~1.1e-5 to 1.8e-5 with |y| up to ~40 (about 5e-7 relative), max |dS| ~1e-6 to 7e-6.
@@ -41,14 +40,7 @@ TOLERANCE_STATE = 2e-5
 
 
 def inputs(rows: int, dtype: torch.dtype, seed: int, w_min: float = MODEL_W_MIN) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(rows, H, N, generator=g)
-    w = w_min * torch.sigmoid(torch.randn(rows, H, N, generator=g) * 3)  # log decay in (w_min, 0), both ends hit
-    k = torch.randn(rows, H, N, generator=g) * 0.5
-    v = torch.randn(rows, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(rows, H, N, generator=g), dim=-1)
-    lr = torch.sigmoid(torch.randn(rows, H, N, generator=g))
-    return [t.to(dtype).contiguous() for t in (r, w, k, v, -kk, kk * lr)]
+    return wkv_inputs(rows, H, N, dtype=dtype, seed=seed, w_min=w_min, w_spread=3.0)  # both ends of the range hit
 
 
 def pool(seed: int) -> torch.Tensor:

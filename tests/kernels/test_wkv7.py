@@ -10,6 +10,7 @@ import torch
 
 from kernels.rwkv7.fused_recurrent import wkv7_decode, wkv7_prefill
 from kernels.rwkv7.naive import wkv7_step, wkv7_varlen
+from kernels.rwkv7.testing import wkv_inputs
 
 H, N, P = 2, 64, 6
 # Inputs are rounded to their dtype before both sides see them, so the comparison is of the arithmetic
@@ -18,14 +19,7 @@ TOLERANCE = 2e-5
 
 
 def inputs(rows: int, dtype: torch.dtype, seed: int) -> list[torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    r = torch.randn(rows, H, N, generator=g)
-    w = -0.6065 * torch.sigmoid(torch.randn(rows, H, N, generator=g) * 2)  # log decay, as RWKV-7 makes it
-    k = torch.randn(rows, H, N, generator=g) * 0.5
-    v = torch.randn(rows, H, N, generator=g)
-    kk = torch.nn.functional.normalize(torch.randn(rows, H, N, generator=g), dim=-1)
-    lr = torch.sigmoid(torch.randn(rows, H, N, generator=g))
-    return [t.to(dtype).contiguous() for t in (r, w, k, v, -kk, kk * lr)]
+    return wkv_inputs(rows, H, N, dtype=dtype, seed=seed)
 
 
 def pool(seed: int) -> torch.Tensor:

@@ -8,21 +8,14 @@ import torch
 from kernels.rwkv7.chunk import wkv7_chunk_prefill
 from kernels.rwkv7.fused_recurrent import wkv7_decode, wkv7_prefill
 from kernels.rwkv7.naive import wkv7_step, wkv7_varlen
+from kernels.rwkv7.testing import wkv_inputs
 
 pytestmark = pytest.mark.gpu
 N = 64
 
 
 def inputs(rows: int, heads: int, dtype: torch.dtype) -> list[torch.Tensor]:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    shape = (rows, heads, N)
-    r = torch.randn(shape, generator=g, device="cuda")
-    w = -0.6065 * torch.sigmoid(torch.randn(shape, generator=g, device="cuda") * 2)
-    k = torch.randn(shape, generator=g, device="cuda") * 0.5
-    v = torch.randn(shape, generator=g, device="cuda")
-    kk = torch.nn.functional.normalize(torch.randn(shape, generator=g, device="cuda"), dim=-1)
-    lr = torch.sigmoid(torch.randn(shape, generator=g, device="cuda"))
-    return [t.to(dtype).contiguous() for t in (r, w, k, v, -kk, kk * lr)]
+    return wkv_inputs(rows, heads, N, dtype=dtype, device="cuda")
 
 
 @pytest.mark.parametrize(("heads", "rows"), [(12, 1), (32, 64), (40, 256), (64, 256)])  # 0.1B, 1.5B, 2.9B, 7.2B
