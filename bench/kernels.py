@@ -40,6 +40,9 @@ N = 64
 PEAK_BANDWIDTH = {"H100 PCIe": 2.0e12, "H100": 3.35e12, "H200": 4.8e12, "A100": 2.0e12}
 
 
+STATE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
 def peak_bandwidth(name: str) -> float | None:
     return next((bw for key, bw in PEAK_BANDWIDTH.items() if key in name), None)
 
@@ -63,31 +66,41 @@ def inputs(rows: int, heads: int) -> list[torch.Tensor]:
     return wkv_inputs(rows, heads, N, dtype=torch.float16, device="cuda")
 
 
-def decode_case(batch: int, heads: int, fla: Any) -> dict[str, Any]:
-    pool = torch.zeros(batch, heads, N, N, device="cuda")
+def decode_bytes(batch: int, heads: int, state_bytes: int) -> int:
+    """What a decode step must move: each state read and written, six fp16 input vectors, the fp32 output."""
+    return batch * heads * (N * N * state_bytes * 2 + 6 * N * 2 + N * 4)
+
+
+def decode_case(batch: int, heads: int, fla: Any, state_dtype: torch.dtype) -> dict[str, Any]:
+    pool = torch.zeros(batch, heads, N, N, device="cuda", dtype=state_dtype)  # ours
+    pool32 = torch.zeros(batch, heads, N, N, device="cuda")  # the reference's and fla's: fp32 states
     slots = torch.arange(batch, device="cuda")
     x = inputs(batch, heads)
-    bytes_moved = batch * heads * (N * N * 4 * 2 + 6 * N * 2 + N * 4)
-    result: dict[str, Any] = {"batch": batch, "heads": heads, "bytes": bytes_moved}
+    result: dict[str, Any] = {
+        "batch": batch,
+        "heads": heads,
+        "bytes": decode_bytes(batch, heads, pool.element_size()),  # ours
+        "bytes_fp32_state": decode_bytes(batch, heads, 4),  # the others
+    }
     result["ours_s"] = timed(lambda: wkv7_decode(pool, slots, *x))
 
     def reference() -> None:
-        state = pool.index_select(0, slots)
+        state = pool32.index_select(0, slots)
         wkv7_step(state, *x)
-        pool.index_copy_(0, slots, state)
+        pool32.index_copy_(0, slots, state)
 
     result["reference_s"] = timed(reference)
     if fla is not None:  # fla's layout: [B, T, H, K] inputs, state [B, H, K, V] (transposed), log decay
         r, w, k, v, a, b = (t.unsqueeze(1) for t in x)
-        h0 = pool.transpose(-1, -2).contiguous()
+        h0 = pool32.transpose(-1, -2).contiguous()
         result["fla_fused_recurrent_s"] = timed(
             lambda: fla.fused_recurrent_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0, output_final_state=True)
         )
     return result
 
 
-def prefill_case(tokens: int, heads: int, chunks: list[int], fla: Any) -> dict[str, Any]:
-    pool = torch.zeros(1, heads, N, N, device="cuda")
+def prefill_case(tokens: int, heads: int, chunks: list[int], fla: Any, state_dtype: torch.dtype) -> dict[str, Any]:
+    pool = torch.zeros(1, heads, N, N, device="cuda", dtype=state_dtype)
     slots = torch.zeros(1, dtype=torch.long, device="cuda")
     cu = torch.tensor([0, tokens], device="cuda")
     x = inputs(tokens, heads)
@@ -108,7 +121,7 @@ def prefill_case(tokens: int, heads: int, chunks: list[int], fla: Any) -> dict[s
             )
     if fla is not None:
         r, w, k, v, a, b = (t.unsqueeze(0) for t in x)
-        h0 = pool.transpose(-1, -2).contiguous()
+        h0 = pool.float().transpose(-1, -2).contiguous()
         result["fla_chunk_s"] = timed(
             lambda: fla.chunk_rwkv7(r, w, k, v, a, b, scale=1.0, initial_state=h0, output_final_state=True),
             repeats=10,
@@ -122,8 +135,12 @@ def main() -> None:
     ap.add_argument("--batch", default="1,64,256,1024")
     ap.add_argument("--prefill", default="1024,8192")
     ap.add_argument("--chunk", default="16,32,64", help="chunk sizes of our chunked prefill kernel")
+    ap.add_argument(
+        "--state-dtype", default="float32", choices=STATE_DTYPES, help="our kernels' pool (fla and the reference: fp32)"
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
+    state_dtype = STATE_DTYPES[args.state_dtype]
     if not torch.cuda.is_available():
         raise SystemExit("bench/kernels.py measures GPU kernels: no CUDA device here")
     try:
@@ -132,14 +149,15 @@ def main() -> None:
         fla = None
     device = device_name(torch.device("cuda"))
     peak = peak_bandwidth(device)
-    decode = [decode_case(int(b), args.heads, fla) for b in args.batch.split(",") if b]
+    decode = [decode_case(int(b), args.heads, fla, state_dtype) for b in args.batch.split(",") if b]
     for case in decode:
         for key in [k for k in case if k.endswith("_s")]:
             if peak:
-                case[key.removesuffix("_s") + "_bandwidth_fraction"] = case["bytes"] / case[key] / peak
+                moved = case["bytes"] if key.startswith("ours") else case["bytes_fp32_state"]
+                case[key.removesuffix("_s") + "_bandwidth_fraction"] = moved / case[key] / peak
         print(json.dumps(case))
     chunks = [int(c) for c in args.chunk.split(",") if c]
-    prefill = [prefill_case(int(t), args.heads, chunks, fla) for t in args.prefill.split(",") if t]
+    prefill = [prefill_case(int(t), args.heads, chunks, fla, state_dtype) for t in args.prefill.split(",") if t]
     for case in prefill:
         print(json.dumps(case))
     now = dt.datetime.now(dt.UTC)
@@ -152,7 +170,7 @@ def main() -> None:
             "head_size": N,
             "heads": args.heads,
             "inputs": "float16",
-            "state": "float32",
+            "state": args.state_dtype,  # ours; the reference's and fla's are float32
             "fla": getattr(sys.modules.get("fla"), "__version__", None) if fla else None,
             "peak_bandwidth_bytes_per_s": peak,
         },
