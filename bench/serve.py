@@ -26,6 +26,7 @@ import contextlib
 import datetime as dt
 import json
 import math
+import multiprocessing
 import os
 import random
 import resource
@@ -38,6 +39,7 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,6 +204,90 @@ async def run_point(
     return list(outcomes), time.perf_counter() - start
 
 
+@contextlib.asynccontextmanager
+async def connection(target: Target) -> AsyncIterator[rwkvd.AsyncClient | httpx.AsyncClient]:
+    """One client connection (a gRPC channel, or an httpx pool without a connection limit)."""
+    if target.protocol == "grpc":
+        async with rwkvd.AsyncClient(target.grpc_target, api_key=target.api_key) as client:
+            yield client
+    else:
+        headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        async with httpx.AsyncClient(base_url=target.http_url, headers=headers, timeout=None, limits=limits) as http:
+            yield http
+
+
+# Client processes: one asyncio client tops out near 10-20k streamed messages/s (its own CPU per message is
+# of the server's order), so loads beyond that are spread over processes, each with its own connection.
+
+_start_barrier: Any = None  # a multiprocessing barrier, set in each worker by its initializer
+
+
+def _worker_init(barrier: Any) -> None:
+    global _start_barrier
+    _start_barrier = barrier
+
+
+def _worker_point(
+    target: Target,
+    work: list[tuple[list[int], str]],
+    warm: list[tuple[list[int], str]],
+    args: argparse.Namespace,
+    concurrency: int | None,
+    rate: float,
+) -> tuple[list[Outcome], float, float, float]:
+    """One process's share of a point: warm up, wait for the others, run. (outcomes, start, end, CPU seconds)."""
+
+    async def run() -> tuple[list[Outcome], float, float, float]:
+        async with connection(target) as conn:
+            if warm:
+                await run_point(conn, target, warm, args, concurrency, math.inf)
+            await asyncio.to_thread(_start_barrier.wait)
+            cpu = client_cpu_seconds()
+            start = time.monotonic()  # CLOCK_MONOTONIC: one clock for every process of the host
+            outcomes, _ = await run_point(conn, target, work, args, concurrency, rate)
+            return outcomes, start, time.monotonic(), client_cpu_seconds() - cpu
+
+    return asyncio.run(run())
+
+
+def split(total: int | None, parts: int) -> list[int | None]:
+    """`total` requests in flight spread over `parts` processes (None: no limit anywhere)."""
+    if total is None:
+        return [None] * parts
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
+
+
+async def run_point_in_processes(
+    pool: ProcessPoolExecutor,
+    barrier: Any,
+    server_pid: int | None,
+    target: Target,
+    work: list[tuple[list[int], str]],
+    warm: list[tuple[list[int], str]],
+    args: argparse.Namespace,
+    concurrency: int | None,
+    rate: float,
+) -> tuple[list[Outcome], float, float, dict[str, float] | None]:
+    """The point over args.client_processes processes: prompts dealt round-robin, concurrency and rate split
+    (a sum of Poisson processes is one). This process is the barrier's last party: the server's CPU is read
+    as the workers, warmed up, start. Returns (outcomes, seconds from the common start, client CPU, server
+    CPU at the start)."""
+    n = args.client_processes
+    loop = asyncio.get_running_loop()
+    shares = split(concurrency, n)
+    futures = [
+        loop.run_in_executor(pool, _worker_point, target, work[i::n], warm[i::n], args, shares[i], rate / n)
+        for i in range(n)
+    ]
+    await asyncio.to_thread(barrier.wait)
+    server_cpu = thread_cpu(server_pid) if server_pid else None
+    parts = await asyncio.gather(*futures)
+    outcomes = [o for part in parts for o in part[0]]
+    duration = max(p[2] for p in parts) - min(p[1] for p in parts)
+    return outcomes, duration, sum(p[3] for p in parts), server_cpu
+
+
 # Measurements
 
 
@@ -354,28 +440,38 @@ async def measure(args: argparse.Namespace, target: Target, server_pid: int | No
         points = [(int(c), math.inf) for c in args.concurrency.split(",")]
     results = []
     async with contextlib.AsyncExitStack() as stack:
-        conn: rwkvd.AsyncClient | httpx.AsyncClient
-        if target.protocol == "grpc":
-            conn = await stack.enter_async_context(rwkvd.AsyncClient(target.grpc_target, api_key=target.api_key))
-        else:
-            headers = {"authorization": f"Bearer {target.api_key}"} if target.api_key else {}
-            limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
-            conn = await stack.enter_async_context(
-                httpx.AsyncClient(base_url=target.http_url, headers=headers, timeout=None, limits=limits)
+        conn: rwkvd.AsyncClient | httpx.AsyncClient | None = None
+        pool: ProcessPoolExecutor | None = None
+        barrier: Any = None
+        if args.client_processes > 1:
+            # spawn, not fork: the workers must not inherit this process's gRPC or asyncio state
+            context = multiprocessing.get_context("spawn")
+            barrier = context.Barrier(args.client_processes + 1)  # the workers and this process
+            pool = stack.enter_context(
+                ProcessPoolExecutor(args.client_processes, context, initializer=_worker_init, initargs=(barrier,))
             )
+        else:
+            conn = await stack.enter_async_context(connection(target))
         for concurrency, rate in points:
             work = prompts(args.num_prompts, args.input_tokens, args.seed)
             warm = prompts(args.warmup, args.input_tokens, args.seed + 7)
-            await run_point(conn, target, warm, args, concurrency, math.inf)  # connections, kernels, caches
-            cpu_before = thread_cpu(server_pid) if server_pid else None
-            client_before = client_cpu_seconds()
-            outcomes, duration = await run_point(conn, target, work, args, concurrency, rate)
-            client_cpu = client_cpu_seconds() - client_before
+            if pool is not None:
+                outcomes, duration, client_cpu, cpu_before = await run_point_in_processes(
+                    pool, barrier, server_pid, target, work, warm, args, concurrency, rate
+                )
+            else:
+                assert conn is not None
+                await run_point(conn, target, warm, args, concurrency, math.inf)  # connections, kernels, caches
+                cpu_before = thread_cpu(server_pid) if server_pid else None
+                client_before = client_cpu_seconds()
+                outcomes, duration = await run_point(conn, target, work, args, concurrency, rate)
+                client_cpu = client_cpu_seconds() - client_before
             server_cpu = None
             if server_pid and cpu_before is not None:
                 after = thread_cpu(server_pid)
                 server_cpu = {k: after[k] - cpu_before[k] for k in after}
             result = point_result(outcomes, duration, server_cpu, client_cpu, concurrency, rate)
+            result["client_processes"] = args.client_processes
             if concurrency in baseline:
                 result["engine_only_tokens_per_second"] = round(baseline[concurrency], 2)
                 result["fraction_of_engine_only"] = round(result["output_throughput"] / baseline[concurrency], 3)
@@ -419,6 +515,12 @@ def main() -> None:
     ap.add_argument("--api-key", default=os.environ.get("RWKVD_API_KEY"))
     ap.add_argument("--model", default="", help="model id for HTTP requests (default: the served one)")
     ap.add_argument("--engine-baseline", type=Path, default=None, help="a bench/engine.py result to compare with")
+    ap.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="client processes sharing the load (one asyncio client saturates near 10-20k messages/s)",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -463,9 +565,8 @@ def main() -> None:
             "output_tokens": args.output_tokens,
             "temperature": args.temperature,
             "prompts": "random token ids (completions) / random words (chat), distinct: no prefix-cache hits",
-            "client": "this process (asyncio); typed client rwkvd.AsyncClient"
-            if args.protocol == "grpc"
-            else "this process (asyncio); httpx, hand-parsed SSE",
+            "client": (f"{args.client_processes} processes" if args.client_processes > 1 else "this process")
+            + (" (asyncio); typed client rwkvd.AsyncClient" if args.protocol == "grpc" else " (asyncio); httpx, SSE"),
             "cpus": os.cpu_count(),
             # Wall-clock figures assume nothing else ran: a 1-minute load well above the benchmark's own
             # (server + client, about 2-3 busy threads) means other work shared the CPUs.
