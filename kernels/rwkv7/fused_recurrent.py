@@ -32,6 +32,23 @@ INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
+def _wkv7_token(state, vec, i, j, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y_ptr):
+    """One token's update of a [BV, N] fp32 state tile (rows i, columns j); stores y, returns the new tile.
+
+    S = S diag(exp(w)) + (S a) b^T + v k^T, y = S r; the token's vectors start at `vec`, inputs any float."""
+    r = tl.load(r_ptr + vec + j).to(tl.float32)
+    decay = tl.exp(tl.load(w_ptr + vec + j).to(tl.float32))
+    k = tl.load(k_ptr + vec + j).to(tl.float32)
+    a = tl.load(a_ptr + vec + j).to(tl.float32)
+    b = tl.load(b_ptr + vec + j).to(tl.float32)
+    v = tl.load(v_ptr + vec + i).to(tl.float32)
+    sa = tl.sum(state * a[None, :], axis=1)  # S @ a
+    state = state * decay[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
+    tl.store(y_ptr + vec + i, tl.sum(state * r[None, :], axis=1))
+    return state
+
+
+@triton.jit
 def _wkv7_decode_kernel(
     s_ptr,  # [P, H, N, N] fp32/fp16/bf16 state pool of one layer (row i = value, column j = key), in place
     slots_ptr,  # [B] int64 slot of each row
@@ -53,19 +70,10 @@ def _wkv7_decode_kernel(
     slot = tl.load(slots_ptr + row)
     j = tl.arange(0, N)  # key / column
     i = pid_v * BV + tl.arange(0, BV)  # value / row of the state
-    vec = pid_bh * N
-    r = tl.load(r_ptr + vec + j).to(tl.float32)
-    decay = tl.exp(tl.load(w_ptr + vec + j).to(tl.float32))
-    k = tl.load(k_ptr + vec + j).to(tl.float32)
-    a = tl.load(a_ptr + vec + j).to(tl.float32)
-    b = tl.load(b_ptr + vec + j).to(tl.float32)
-    v = tl.load(v_ptr + vec + i).to(tl.float32)
     tile = s_ptr + ((slot * H + head) * N + i[:, None]) * N + j[None, :]
     state = tl.load(tile).to(tl.float32)
-    sa = tl.sum(state * a[None, :], axis=1)  # S @ a
-    state = state * decay[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
-    tl.store(tile, state.to(s_ptr.dtype.element_ty))  # y below reads the unrounded fp32 state
-    tl.store(y_ptr + vec + i, tl.sum(state * r[None, :], axis=1))
+    state = _wkv7_token(state, pid_bh * N, i, j, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y_ptr)
+    tl.store(tile, state.to(s_ptr.dtype.element_ty))  # y was computed from the unrounded fp32 state
 
 
 @triton.jit
@@ -96,16 +104,7 @@ def _wkv7_varlen_kernel(
     tile = s_ptr + ((slot * H + head) * N + i[:, None]) * N + j[None, :]
     state = tl.load(tile).to(tl.float32)
     for t in range(bos, eos):
-        vec = (t * H + head) * N
-        r = tl.load(r_ptr + vec + j).to(tl.float32)
-        decay = tl.exp(tl.load(w_ptr + vec + j).to(tl.float32))
-        k = tl.load(k_ptr + vec + j).to(tl.float32)
-        a = tl.load(a_ptr + vec + j).to(tl.float32)
-        b = tl.load(b_ptr + vec + j).to(tl.float32)
-        v = tl.load(v_ptr + vec + i).to(tl.float32)
-        sa = tl.sum(state * a[None, :], axis=1)
-        state = state * decay[None, :] + sa[:, None] * b[None, :] + v[:, None] * k[None, :]
-        tl.store(y_ptr + vec + i, tl.sum(state * r[None, :], axis=1))
+        state = _wkv7_token(state, (t * H + head) * N, i, j, r_ptr, w_ptr, k_ptr, v_ptr, a_ptr, b_ptr, y_ptr)
     tl.store(tile, state.to(s_ptr.dtype.element_ty))  # rounded once, after the row's last token
 
 
