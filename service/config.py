@@ -137,6 +137,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--prefix-cache-entries", "engine.prefix_cache_entries", int, "prefix-state cache entries (0 = off)"),
     _Option("--threads", "engine.threads", _optional_int, "torch CPU threads"),
     _Option("--cuda-graphs", "engine.cuda_graphs", str, "CUDA graphs for decode steps: auto (on with CUDA), on, off"),
+    _Option(
+        "--overlap",
+        "engine.overlap",
+        str,
+        "decode text and deliver events while the device runs the next step: auto (on with CUDA), on, off",
+    ),
     _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
     _Option("--public-url", "public_url", _optional_str, "base URL clients reach this server at (prediction urls)"),
     _Option("--max-sessions", "max_sessions", int, "chat sessions kept in memory"),

@@ -192,14 +192,14 @@ def paced_steps(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Iterator[Non
     Only the pace changes, nothing the engine computes: it makes "within N steps" and "still running
     while the rest arrive" independent of how fast this machine happens to be.
     """
-    original = Runner.execute
+    original = Runner.launch
 
     def slow(self: Runner, plan: Any) -> Any:
         time.sleep(seconds)
         return original(self, plan)
 
     with monkeypatch.context() as patch:
-        patch.setattr(Runner, "execute", slow)
+        patch.setattr(Runner, "launch", slow)
         yield
 
 
@@ -213,11 +213,11 @@ def failing_rows(
     original = EngineSequence.on_token
     failed: list[str] = []
 
-    def on_token(self: EngineSequence, token: int, logprob: Any, now: float) -> None:
+    def on_token(self: EngineSequence, token: int, logprob: Any, now: float, defer_text: bool = False) -> bool:
         if len(self.generated) >= after_tokens and doomed(self):
             failed.append(self.id)
             raise RuntimeError("injected fault in one row")
-        original(self, token, logprob, now)
+        return original(self, token, logprob, now, defer_text)
 
     with monkeypatch.context() as patch:
         patch.setattr(EngineSequence, "on_token", on_token)

@@ -37,6 +37,10 @@ class EngineConfig:
     threads: int | None = None
     # Decode steps replayed from CUDA graphs (one per batch-size bucket): auto = on with a CUDA device.
     cuda_graphs: str = "auto"  # auto | on | off
+    # Launch each step before the previous step's text is decoded and its events delivered, so that host
+    # work overlaps the device's: auto = on with a CUDA device (on a CPU a launch is the whole step, and
+    # overlapping would only hold every step's events back by one step).
+    overlap: str = "auto"  # auto | on | off
 
     def __post_init__(self) -> None:
         problems = []
@@ -57,5 +61,11 @@ class EngineConfig:
             problems.append("threads must be at least 1")
         if self.cuda_graphs not in ("auto", "on", "off"):
             problems.append(f"cuda_graphs must be auto, on or off, not {self.cuda_graphs!r}")
+        if self.overlap not in ("auto", "on", "off"):
+            problems.append(f"overlap must be auto, on or off, not {self.overlap!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def overlap_on(self, device_type: str) -> bool:
+        """Whether the engine overlaps host work with the device's (see `overlap`), on this device type."""
+        return self.overlap == "on" or (self.overlap == "auto" and device_type == "cuda")

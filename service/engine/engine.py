@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
+from dataclasses import dataclass
 from typing import TypeVar
 
 from service.errors import (
@@ -32,7 +33,7 @@ from service.errors import (
 from .config import EngineConfig
 from .observer import EngineObserver, RequestSample, StepSample
 from .protocol import EngineStats, FinishReason, GenerationRequest, StateRef, TokenEvent, check_sampling
-from .runner import Runner
+from .runner import LaunchedStep, Runner
 from .scheduler import Scheduler, StepPlan
 from .sequence import Phase, Sequence, Sink
 from .snapshot import StateSnapshot
@@ -54,6 +55,9 @@ class Engine:
         self._live: set[str] = set()  # request ids not yet finished (guarded by _cv)
         self._stopping = False
         self._finished_seqs: list[Sequence] = []  # finished this iteration, events not yet delivered
+        self._unemitted: list[Sequence] = []  # accepted a token whose text _flush() decodes
+        # Launch step N+1 before decoding step N's text and delivering its events (see _iterate).
+        self._overlap = config.overlap_on(runner.device.type)
         self._exited = threading.Event()
         self.steps = 0
         # Cumulative seconds per phase of the step loop (read by benchmarks and metrics).
@@ -200,7 +204,12 @@ class Engine:
 
     def _iterate(self) -> bool:
         """Commands, then one step; False once stopped. Its locals (the step's rows, the commands) die on
-        return, so nothing of a finished request stays referenced while the loop waits for work."""
+        return, so nothing of a finished request stays referenced while the loop waits for work.
+
+        With overlap on, the host work that does not decide the next step (decoding text, handing events
+        to the loops) runs while the device computes: the step is launched first, the previous step's text
+        and events go out, then the step's tokens are read and accepted. Without it (on a CPU, where a launch
+        is the whole computation) each step's events go out as soon as it ends."""
         with self._cv:
             commands = list(self._commands)
             self._commands.clear()
@@ -210,19 +219,34 @@ class Engine:
         if stopping:
             for seq in list(self._scheduler.all()):
                 self._finish(seq, FinishReason.CANCELLED)
-            self._deliver()
+            self._flush()
             return False
         t0 = time.perf_counter()
         self._expire()
         self._admit()
         plan = self._scheduler.plan()
         self._clock["schedule"] += time.perf_counter() - t0
-        if plan.rows:
-            self._step(plan)
-        t1 = time.perf_counter()
-        self._deliver()
-        self._clock["deliver"] += time.perf_counter() - t1
+        launched = self._launch(plan) if plan.rows else None
+        if self._overlap:
+            self._flush()
+        if launched is not None:
+            self._accept(plan, launched)
+        if not self._overlap or self._scheduler.idle:  # idle: no next step to hide this behind
+            self._flush()
         return True
+
+    def _flush(self) -> None:
+        """Decodes the text deferred by the last accepted step, then delivers every event waiting."""
+        t0 = time.perf_counter()
+        for seq in self._unemitted:
+            try:
+                seq.emit_text()
+            except Exception as exc:  # this request alone fails
+                log.exception("request %s failed decoding its text", seq.id)
+                self._finish(seq, FinishReason.ERROR, error=f"{type(exc).__name__}: {exc}")
+        self._unemitted.clear()
+        self._deliver()
+        self._clock["deliver"] += time.perf_counter() - t0
 
     def _admit(self) -> None:
         while self._runner.free_slots > 0 and self._scheduler.waiting:
@@ -247,16 +271,29 @@ class Engine:
             if deadline is not None and now >= deadline:
                 self._finish(seq, FinishReason.DEADLINE)
 
-    def _step(self, plan: StepPlan) -> None:
+    def _launch(self, plan: StepPlan) -> _Launched | None:
         step_start = time.monotonic()
         started = time.perf_counter()
         try:
-            result = self._runner.execute(plan)
+            return _Launched(self._runner.launch(plan), step_start, started)
         except Exception as exc:  # the step is lost; its rows' states may be half-updated
-            log.exception("engine step failed (%d rows)", len(plan.rows))
-            for row in plan.rows:
-                self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
+            self._fail_step(plan, exc)
+            return None
+
+    def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
+        log.error("engine step failed (%d rows)", len(plan.rows), exc_info=exc)
+        for row in plan.rows:
+            self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
+
+    def _accept(self, plan: StepPlan, launched: _Launched) -> None:
+        """Reads the step's tokens (the one wait for the device) and moves every row on: read offsets, prefix
+        cache, sampled tokens, finishes. Text that cannot end a row is left for _flush() when overlapping."""
+        try:
+            result = launched.step.result()
+        except Exception as exc:
+            self._fail_step(plan, exc)
             return
+        step_start, started = launched.step_start, launched.started
         self.steps += 1
         self._clock["forward"] += result.forward_seconds
         self._clock["sample"] += result.sample_seconds
@@ -279,7 +316,8 @@ class Engine:
                 j = sampled.get(i)
                 if j is not None:
                     last = seq.clock.last_token
-                    seq.on_token(result.sampled.tokens[j], result.sampled.logprobs[j], now)
+                    if seq.on_token(result.sampled.tokens[j], result.sampled.logprobs[j], now, self._overlap):
+                        self._unemitted.append(seq)
                     if last is None:
                         first_tokens.append((seq.api, now - seq.clock.arrival))
                     else:
@@ -361,6 +399,13 @@ class Engine:
         for loop, items in batches.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: its consumers are gone
                 loop.call_soon_threadsafe(_deliver_all, items)
+
+
+@dataclass(frozen=True)
+class _Launched:
+    step: LaunchedStep
+    step_start: float  # monotonic, for request clocks
+    started: float  # perf_counter, for the step's duration
 
 
 def _deliver_all(items: list[tuple[Sink, list[TokenEvent]]]) -> None:

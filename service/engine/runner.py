@@ -16,7 +16,7 @@ import torch
 from .backend import ModelBackend, StepBatch
 from .cuda_graphs import Capture, DecodeGraphs
 from .prefix_cache import PrefixCache
-from .sampler import Sampled, Sampler, SampleRow
+from .sampler import PendingSample, Sampled, Sampler, SampleRow
 from .scheduler import StepPlan
 from .sequence import Sequence, feed_for
 from .snapshot import StateSnapshot
@@ -31,6 +31,23 @@ class StepResult:
     # lands in sample_seconds, at its one host sync).
     forward_seconds: float
     sample_seconds: float
+
+
+@dataclass
+class LaunchedStep:
+    """A step in flight on the device; result() waits for its sampled tokens."""
+
+    pending: PendingSample | None  # None when no row samples
+    sample_rows: list[int]
+    forward_seconds: float  # host seconds issuing the forward
+    launch_seconds: float  # host seconds issuing the sampling
+
+    def result(self) -> StepResult:
+        t0 = time.perf_counter()
+        sampled = self.pending.result() if self.pending is not None else Sampled([], [])
+        return StepResult(
+            sampled, self.sample_rows, self.forward_seconds, self.launch_seconds + time.perf_counter() - t0
+        )
 
 
 class Runner:
@@ -98,7 +115,9 @@ class Runner:
             self.pool.release(seq.slot)
             seq.slot = None
 
-    def execute(self, plan: StepPlan) -> StepResult:
+    def launch(self, plan: StepPlan) -> LaunchedStep:
+        """Issues a step's forward and sampling to the device without waiting for them (on a CPU they run
+        here). Nothing else may run on the device before the result is read (a graph's logits are reused)."""
         rows = plan.rows
         slots = [r.seq.slot for r in rows]
         assert all(s is not None for s in slots)
@@ -121,8 +140,8 @@ class Runner:
             )
             for i in sample_rows
         ]
-        sampled = self.sampler.sample(logits, sample_specs) if sample_specs else Sampled([], [])
-        return StepResult(sampled, sample_rows, t1 - t0, time.perf_counter() - t1)
+        pending = self.sampler.launch(logits, sample_specs) if sample_specs else None
+        return LaunchedStep(pending, sample_rows, t1 - t0, time.perf_counter() - t1)
 
     def cache_prefix(self, seq: Sequence) -> None:
         """Puts the slot's state (after feed[:fed]) into the prefix cache, if it is a from-zero state."""

@@ -76,9 +76,14 @@ class Sampler:
     def _tensor(self, values: Sequence[float] | Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
 
-    @torch.inference_mode()
     def sample(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> Sampled:
         """logits: [R, V] fp32, one row per entry of `rows`."""
+        return self.launch(logits, rows).result()
+
+    @torch.inference_mode()
+    def launch(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> PendingSample:
+        """Enqueues the sampling of logits [R, V] fp32 (one row per entry of `rows`) without waiting for the
+        device; result() waits. `logits` must stay unchanged until then (the engine replays no graph between)."""
         R = logits.shape[0]
         slots = self._tensor([r.slot for r in rows], torch.long)
         work = logits
@@ -102,12 +107,15 @@ class Sampler:
                 float("-inf")
             )
 
-        tokens = torch.empty(R, dtype=torch.long, device=self.device)
         greedy = [i for i, r in enumerate(rows) if r.params.temperature == 0.0]
+        if len(greedy) == R:  # the common all-greedy batch: no scatter
+            tokens = work.argmax(dim=-1)
+        else:
+            tokens = torch.empty(R, dtype=torch.long, device=self.device)
+            if greedy:
+                g = self._tensor(greedy, torch.long)
+                tokens[g] = work.index_select(0, g).argmax(dim=-1)
         drawn = [i for i, r in enumerate(rows) if r.params.temperature != 0.0]
-        if greedy:
-            g = self._tensor(greedy, torch.long)
-            tokens[g] = work.index_select(0, g).argmax(dim=-1)
         # Truncating rows draw over the sorted distribution, the others in vocabulary order; drawing the two
         # groups apart keeps a row's token independent of the other rows' parameters.
         truncating = [i for i in drawn if rows[i].params.top_p < 1.0 or rows[i].params.top_k > 0]
@@ -119,23 +127,34 @@ class Sampler:
         if truncating:
             d = self._tensor(truncating, torch.long)
             tokens[d], inside = self._draw_candidates(work.index_select(0, d), [rows[i] for i in truncating])
-        # The one host sync of a step: the tokens, and whether each truncating row's kept set lay within its
-        # candidates. A row whose set reaches past them (rare for a trained model) is drawn again from a full sort.
-        if inside is None:
-            chosen = tokens.tolist()
-        else:
-            host = torch.cat([tokens, inside.long()]).tolist()
-            chosen = host[:R]
-            redo = [i for i, ok in zip(truncating, host[R:], strict=True) if not ok]
-            if redo:
-                d = self._tensor(redo, torch.long)
-                wide = self._draw_sorted(work.index_select(0, d), [rows[i] for i in redo])
-                tokens[d] = wide
-                for i, token in zip(redo, wide.tolist(), strict=True):
-                    chosen[i] = token
+        # What result() reads back, in one tensor: the tokens and whether each truncating row's kept set lay
+        # within its candidates.
+        readback = tokens if inside is None else torch.cat([tokens, inside.long()])
+        return PendingSample(
+            self, rows, work, tokens, readback, truncating, penalised, self._logprobs(logits, rows, tokens)
+        )
 
-        self._update_penalties(rows, penalised, chosen)
-        return Sampled(chosen, self._logprobs(logits, rows, tokens))
+    @torch.inference_mode()
+    def collect(self, pending: PendingSample) -> Sampled:
+        """Waits for a launched sampling and reads its tokens (and logprobs) back; updates the penalties."""
+        rows = pending.rows
+        R = len(rows)
+        host = pending.readback.tolist()
+        chosen = host[:R]
+        # A truncating row whose kept set reaches past its candidates (rare for a trained model) is drawn
+        # again from a full sort.
+        redo = [i for i, ok in zip(pending.truncating, host[R:], strict=True) if not ok]
+        if redo:
+            d = self._tensor(redo, torch.long)
+            wide = self._draw_sorted(pending.work.index_select(0, d), [rows[i] for i in redo])
+            pending.tokens[d] = wide
+            for i, token in zip(redo, wide.tolist(), strict=True):
+                chosen[i] = token
+        self._update_penalties(rows, pending.penalised, chosen)
+        logprobs: list[tuple[float, list[tuple[int, float]]] | None] = [None] * R
+        if pending.logprobs is not None:
+            logprobs = pending.logprobs.read(rows, pending.tokens)
+        return Sampled(chosen, logprobs)
 
     def _scaled(self, logits: torch.Tensor, rows: Sequence[SampleRow]) -> torch.Tensor:
         return logits / self._tensor([r.params.temperature for r in rows], torch.float32).unsqueeze(1)
@@ -204,19 +223,51 @@ class Sampler:
 
     def _logprobs(
         self, logits: torch.Tensor, rows: Sequence[SampleRow], tokens: torch.Tensor
-    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
-        """Log-probabilities under the model itself (before penalties, temperature and truncation)."""
-        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+    ) -> _LogprobsOnDevice | None:
+        """Log-probabilities under the model itself (before penalties, temperature and truncation), on the device."""
         wanted = [i for i, r in enumerate(rows) if r.params.logprobs]
         if not wanted:
-            return out
+            return None
         idx = self._tensor(wanted, torch.long)
         lp = torch.log_softmax(logits.index_select(0, idx), dim=-1)
-        picked = lp.gather(1, tokens.index_select(0, idx).unsqueeze(1)).squeeze(1).tolist()
         n_top = max(rows[i].params.top_logprobs for i in wanted)
         top_v, top_i = lp.topk(n_top, dim=-1) if n_top else (lp[:, :0], lp[:, :0].long())
-        top_v_l, top_i_l = top_v.tolist(), top_i.tolist()
-        for j, i in enumerate(wanted):
+        return _LogprobsOnDevice(wanted, idx, lp, top_v, top_i)
+
+
+@dataclass(frozen=True)
+class _LogprobsOnDevice:
+    wanted: list[int]  # rows that asked for logprobs
+    idx: torch.Tensor  # [W] the same, on the device
+    lp: torch.Tensor  # [W, V] log-softmax of their logits
+    top_v: torch.Tensor  # [W, n] the most likely tokens'
+    top_i: torch.Tensor  # [W, n]
+
+    def read(
+        self, rows: Sequence[SampleRow], tokens: torch.Tensor
+    ) -> list[tuple[float, list[tuple[int, float]]] | None]:
+        """Per row, (logprob of its token, top alternatives) or None; `tokens` [R] as finally chosen."""
+        out: list[tuple[float, list[tuple[int, float]]] | None] = [None] * len(rows)
+        picked = self.lp.gather(1, tokens.index_select(0, self.idx).unsqueeze(1)).squeeze(1).tolist()
+        top_v, top_i = self.top_v.tolist(), self.top_i.tolist()
+        for j, i in enumerate(self.wanted):
             n = rows[i].params.top_logprobs
-            out[i] = (picked[j], list(zip(top_i_l[j][:n], top_v_l[j][:n], strict=True)))
+            out[i] = (picked[j], list(zip(top_i[j][:n], top_v[j][:n], strict=True)))
         return out
+
+
+@dataclass(frozen=True)
+class PendingSample:
+    """A batch's sampling, enqueued on the device; result() waits for it (the step's one host sync)."""
+
+    sampler: Sampler
+    rows: Sequence[SampleRow]
+    work: torch.Tensor  # [R, V] the logits sampled from (penalised, banned)
+    tokens: torch.Tensor  # [R]
+    readback: torch.Tensor  # [R] tokens, then [T] whether each truncating row kept within its candidates
+    truncating: list[int]  # rows drawn with top-p/top-k
+    penalised: list[int]  # rows with additive penalties
+    logprobs: _LogprobsOnDevice | None
+
+    def result(self) -> Sampled:
+        return self.sampler.collect(self)

@@ -82,6 +82,8 @@ class Sequence:
         self.base_token_count = 0  # tokens in the start state before feed[0]
         self.generated: list[int] = []
         self.finish_reason: FinishReason | None = None
+        # Sampled tokens whose text is not decoded yet: (index in generated, token, logprob).
+        self._unemitted: list[tuple[int, int, tuple[float, list[tuple[int, float]]] | None]] = []
         self._decoder = IncrementalDecoder(tokenizer)
         self._stops = StopMatcher(self.params.stop)
         self._tokenizer = tokenizer
@@ -125,8 +127,18 @@ class Sequence:
     def pending_token(self) -> int | None:
         return self.feed[self.fed] if self.fed < len(self.feed) else None
 
-    def on_token(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None, now: float) -> None:
-        """A sampled token: queue it for reading, decode its text, check stops and budget."""
+    def on_token(
+        self,
+        token: int,
+        logprob: tuple[float, list[tuple[int, float]]] | None,
+        now: float,
+        defer_text: bool = False,
+    ) -> bool:
+        """A sampled token: queue it for reading, check stops and budget, decode its text.
+
+        With `defer_text`, a token that cannot end the generation (not a stop token, not the last of the
+        budget, no stop strings to watch) leaves its text for emit_text(), and True is returned: the engine
+        decodes it while the device runs the next step. Whether the sequence goes on is known either way."""
         if not self.generated:
             self.clock.first_token = now
             self.outbox.append(self._started())
@@ -135,22 +147,40 @@ class Sequence:
         self.generated.append(token)
         self.feed.append(token)
         self.position += 1
+        index = len(self.generated) - 1
+        stop = token in self._stop_ids
+        last = stop or len(self.generated) >= self.params.max_tokens
+        if defer_text and not last and not self._stops.watching:
+            self._unemitted.append((index, token, logprob))
+            return True
+        self.emit_text()
         reason: FinishReason | None = None
         text = ""
-        if token in self._stop_ids:
+        if stop:
             reason = FinishReason.STOP
         else:
             text = self._stops.push(self._decoder.push((token,)))
             if self._stops.stopped:
                 reason = FinishReason.STOP_SEQUENCE
-        if reason is None and len(self.generated) >= self.params.max_tokens:
-            reason = FinishReason.LENGTH
+            elif last:
+                reason = FinishReason.LENGTH
         if reason is not None:
             text += self._flush_text()
-        lp = () if logprob is None else (self._logprob(token, logprob),)
-        self.outbox.append(Delta(self.id, len(self.generated) - 1, (token,), text, lp))
+        self.outbox.append(Delta(self.id, index, (token,), text, self._logprobs(token, logprob)))
         if reason is not None:
             self.finish_reason = reason
+        return False
+
+    def emit_text(self) -> None:
+        """Decodes the tokens whose text on_token deferred, in order, into the outbox. None of them ends the
+        generation and no stop string is watched, so nothing is held back but split UTF-8 characters."""
+        unemitted, self._unemitted = self._unemitted, []  # taken first: a failure here is not met twice
+        for index, token, logprob in unemitted:
+            text = self._decoder.push((token,))
+            self.outbox.append(Delta(self.id, index, (token,), text, self._logprobs(token, logprob)))
+
+    def _logprobs(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> tuple[TokenLogprob, ...]:
+        return () if logprob is None else (self._logprob(token, logprob),)
 
     def _flush_text(self) -> str:
         if self._stops.stopped:
@@ -168,6 +198,7 @@ class Sequence:
 
     def finished_event(self, reason: FinishReason, state: StateRef | None, error: str | None = None) -> Finished:
         """The last event; adds Started first if generation never began (prefill only, cancelled, failed)."""
+        self.emit_text()  # text deferred by on_token comes before the end
         self.phase = Phase.DONE
         self.finish_reason = reason
         if not self.generated:

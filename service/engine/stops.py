@@ -16,6 +16,11 @@ class StopMatcher:
         self._held = ""
         self.stopped = False
 
+    @property
+    def watching(self) -> bool:
+        """Whether there are stop strings to look for (without any, push() returns its text unchanged)."""
+        return bool(self._stops)
+
     def push(self, text: str) -> str:
         """Adds text; returns the part that is safe to emit. Sets `stopped` when a stop string appears."""
         if self.stopped:

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from service.config import parse_serve_args
 from service.engine.config import EngineConfig
 from service.engine.generator import generate_state_dict, model_shape, write_checkpoint
 from service.engine.local import LocalEngineClient, build_engine
@@ -37,6 +38,7 @@ from service.engine.protocol import (
     TokenEvent,
     TokenLogprob,
 )
+from service.engine.sequence import Sequence as EngineSequence
 from service.engine.snapshot import StateSnapshot, to_bytes
 from service.engine.state_pool import RnnState
 from service.engine.tokenizer import WorldTokenizer
@@ -204,9 +206,15 @@ def make_config(path: Path, **kw: object) -> EngineConfig:
     return EngineConfig(**values)  # type: ignore[arg-type]
 
 
+@pytest.fixture(scope="module", params=["off", "on"], ids=["serial", "overlap"])
+def overlap(request: pytest.FixtureRequest) -> str:
+    """Every test here runs on both step loops: events out as each step ends, or overlapped with the next."""
+    return str(request.param)
+
+
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path) -> Iterator[LocalEngineClient]:
-    client = build_engine(make_config(tiny_checkpoint))
+def engine(tiny_checkpoint: Path, overlap: str) -> Iterator[LocalEngineClient]:
+    client = build_engine(make_config(tiny_checkpoint, overlap=overlap))
     yield client
     client.shutdown()
 
@@ -769,7 +777,9 @@ CYCLE_TEXT = "🫠 ok"
 
 
 @pytest.fixture(scope="module")
-def scripted(tmp_path_factory: pytest.TempPathFactory, engine: LocalEngineClient) -> Iterator[LocalEngineClient]:
+def scripted(
+    tmp_path_factory: pytest.TempPathFactory, engine: LocalEngineClient, overlap: str
+) -> Iterator[LocalEngineClient]:
     cycle = engine.tokenizer.encode(CYCLE_TEXT)
     assert len(cycle) == 4
     shape = model_shape(1, 128)
@@ -783,7 +793,7 @@ def scripted(tmp_path_factory: pytest.TempPathFactory, engine: LocalEngineClient
         h = torch.nn.functional.layer_norm(t["emb.weight"][cur], (shape.n_embd,))
         t["head.weight"][nxt] = 0.5 * h  # logit ~0.5 * n_embd = 64 for the successor, ~N(0, 1.5) for others
     path = write_checkpoint(t, tmp_path_factory.mktemp("scripted") / "scripted.pth")
-    client = build_engine(make_config(path, max_batch_size=2))
+    client = build_engine(make_config(path, max_batch_size=2, overlap=overlap))
     yield client
     client.shutdown()
 
@@ -907,3 +917,110 @@ async def test_seeds(engine: LocalEngineClient) -> None:
     e = await run(engine, request(prompt, seeded(d.started.seed, max_tokens=16)))
     assert d.ids == e.ids
     assert d.started.seed != 42
+
+
+# ---- overlap: the same steps, only the host work moved ----------------------------------------------
+
+
+async def test_overlap_gives_the_same_events_and_states(tiny_checkpoint: Path) -> None:
+    """Overlapping moves text decoding and delivery, never a decision: run after run, with nothing else in the
+    batch, the two loops give identical tokens, text, logprobs, finish reasons and final states."""
+    serial = build_engine(make_config(tiny_checkpoint, overlap="off"))
+    overlapped = build_engine(make_config(tiny_checkpoint, overlap="on"))
+    try:
+        prompt = prompt_of(serial, 40, offset=7)
+        emoji = serial.tokenizer.encode(TEXTS[3])
+        cases = [
+            greedy(max_tokens=24),  # logprobs on
+            seeded(7, top_p=0.8, top_k=40, max_tokens=20),
+            seeded(8, presence_penalty=0.4, frequency_penalty=0.2, penalty_decay=0.98, max_tokens=20),
+            greedy(stop=("e", "a"), max_tokens=24),  # stop strings: text decided at once
+            greedy(stop_token_ids=tuple(range(0, 65536, 2)), max_tokens=24),  # an even token stops it
+            greedy(min_tokens=3, stop_token_ids=tuple(range(0, 65536, 3)), max_tokens=24),
+            seeded(9, temperature=1.5, max_tokens=1),
+            greedy(max_tokens=0),
+        ]
+        for sampling in cases:
+            for source in (prompt, emoji):
+                a = await run(serial, request(source, sampling, keep_state=True))
+                b = await run(overlapped, request(source, sampling, keep_state=True))
+                assert [(d.offset, d.token_ids, d.text, d.logprobs) for d in a.deltas] == [
+                    (d.offset, d.token_ids, d.text, d.logprobs) for d in b.deltas
+                ], sampling
+                assert (a.reason, a.finished.usage) == (b.reason, b.finished.usage)
+                sa, sb = a.state, b.state
+                assert isinstance(sa, StateSnapshot)
+                assert isinstance(sb, StateSnapshot)
+                for x, y in (
+                    (sa.rnn.att_x, sb.rnn.att_x),
+                    (sa.rnn.wkv, sb.rnn.wkv),
+                    (sa.rnn.ffn_x, sb.rnn.ffn_x),
+                    (sa.penalties, sb.penalties),
+                    (sa.seen, sb.seen),
+                ):
+                    assert torch.equal(x, y), sampling
+                assert (sa.pending_token, sa.token_count, sa.position) == (
+                    sb.pending_token,
+                    sb.token_count,
+                    sb.position,
+                )
+    finally:
+        serial.shutdown()
+        overlapped.shutdown()
+
+
+def test_overlap_setting() -> None:
+    assert EngineConfig().overlap == "auto"
+    assert EngineConfig().overlap_on("cuda")
+    assert not EngineConfig().overlap_on("cpu")
+    assert EngineConfig(overlap="on").overlap_on("cpu")
+    assert not EngineConfig(overlap="off").overlap_on("cuda")
+    with pytest.raises(ValueError, match="overlap must be auto, on or off"):
+        EngineConfig(overlap="sometimes")
+    assert parse_serve_args([], {}).engine.overlap == "auto"
+    assert parse_serve_args(["--overlap", "on"], {}).engine.overlap == "on"
+    assert parse_serve_args([], {"RWKVD_OVERLAP": "off"}).engine.overlap == "off"
+
+
+async def test_a_failure_decoding_deferred_text_fails_that_request_alone(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With overlap on, a row's text is decoded after its step; a fault there ends that request with an error
+    (its text so far delivered, nothing lost or repeated) and every other request goes on."""
+    original = EngineSequence.emit_text
+    failed: list[str] = []
+
+    def emit_text(self: EngineSequence) -> None:
+        if self.id.startswith("doomed") and self.id not in failed and len(self.generated) >= 3 and self._unemitted:
+            failed.append(self.id)
+            raise RuntimeError("injected fault decoding text")
+        original(self)
+
+    monkeypatch.setattr(EngineSequence, "emit_text", emit_text)
+    client = build_engine(make_config(tiny_checkpoint, overlap="on"))
+    try:
+        prompt = prompt_of(client, 12, offset=3)
+        alone = await run(client, request(prompt, greedy(max_tokens=12, ignore_eos=True)))
+        doomed = GenerationRequest("doomed-1", tuple(prompt), greedy(max_tokens=12, ignore_eos=True))
+        others = [request(prompt, greedy(max_tokens=12, ignore_eos=True)) for _ in range(3)]
+
+        async def events_of(req: GenerationRequest) -> list[TokenEvent]:
+            return [ev async for ev in client.generate(req)]
+
+        bad, *good = await asyncio.gather(*(events_of(r) for r in (doomed, *others)))
+        assert failed == ["doomed-1"]
+        end = bad[-1]
+        assert isinstance(end, Finished)
+        assert end.reason is FinishReason.ERROR
+        assert end.error is not None
+        assert "injected fault decoding text" in end.error
+        got = [t for e in bad if isinstance(e, Delta) for t in e.token_ids]
+        assert got == alone.ids[: len(got)]
+        assert len(got) >= 2
+        for events, req in zip(good, others, strict=True):
+            result = Run(req, events)
+            check_events(result)
+            assert_same_run(alone, result)
+        assert (await run(client, request(prompt, greedy(max_tokens=12, ignore_eos=True)))).ids == alone.ids
+    finally:
+        client.shutdown()
