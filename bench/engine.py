@@ -264,6 +264,19 @@ def parse_args() -> argparse.Namespace:
         "one as its own run (its result file says so: ...-greedy-fp16state-...)",
     )
     ap.add_argument("--cuda-graphs", default="auto", choices=["auto", "on", "off"], help="decode steps in CUDA graphs")
+    ap.add_argument(
+        "--simulate-device-ms",
+        type=float,
+        default=None,
+        help="no forward pass: every step takes this long on a simulated device (bench/simulated_device.py), "
+        "for the host's own ceiling",
+    )
+    ap.add_argument(
+        "--overlap",
+        default="auto",
+        choices=["auto", "on", "off"],
+        help="decode text and deliver events while the device runs the next step (auto: on with CUDA)",
+    )
     ap.add_argument("--batch", default="1,8,32", help="decode batch sizes, e.g. 1,8,64,256,1024")
     ap.add_argument("--prompt-lens", default="128,1024", help="prefill prompt lengths, e.g. 1024,8192")
     ap.add_argument("--decode-tokens", type=int, default=32, help="tokens per request in the measured window")
@@ -293,6 +306,11 @@ async def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     name = device_name(device)
+    if args.simulate_device_ms is not None:
+        from bench.simulated_device import install
+
+        install(args.simulate_device_ms)
+        name = f"simulated device, {args.simulate_device_ms:g} ms per step (host: {name})"
     table_bw, table_peak, table_source = device_peaks(name)
     bandwidth = args.bandwidth * 1e9 if args.bandwidth else table_bw
     peak = args.peak_tflops * 1e12 if args.peak_tflops else table_peak
@@ -306,6 +324,7 @@ async def main() -> None:
         state_dtype=str(state_dtype).removeprefix("torch."),
         backend=args.backend,
         cuda_graphs=args.cuda_graphs,
+        overlap=args.overlap,
         max_batch_size=max(batches),
         max_batch_tokens=budget,
         prefill_chunk=args.prefill_chunk,
@@ -323,9 +342,13 @@ async def main() -> None:
     info = client.model
     setup = f"{info.backend}, {info.dtype}, {info.state_dtype} state"
     print(f"{args.size} on {name} ({setup}): ready in {load_seconds:.1f}s")
+    if args.simulate_device_ms is not None:  # no device work: a roofline would say nothing
+        bandwidth = peak = None
     roof = Roofline.of(shape, info.parameter_count, dtype, bandwidth, peak, state_dtype)
     now = dt.datetime.now(dt.UTC)
     mode = "greedy" if args.temperature == 0 else "sampled"
+    if args.simulate_device_ms is not None:
+        mode = f"simulated{args.simulate_device_ms:g}ms-" + ("overlap" if config.overlap_on(device.type) else "serial")
     if state_dtype != torch.float32:
         mode += "-" + {torch.float16: "fp16", torch.bfloat16: "bf16"}[state_dtype] + "state"
     out = args.out or args.out_dir / f"engine-{args.size}-{device.type}-{mode}-{now:%Y%m%d-%H%M%S}.json"
@@ -353,6 +376,7 @@ async def main() -> None:
                 "state_dtype": f"{client.model.state_dtype} (WKV), weight dtype (token shift)",
                 "backend": client.model.backend,
                 "cuda_graphs": args.cuda_graphs,
+                "overlap": config.overlap_on(device.type),
                 "cuda_graph_buckets_captured": list(graphs.captured) if graphs else [],
                 "cuda_graph_buckets_failed": sorted(graphs.failed) if graphs else [],
                 "torch": torch.__version__,

@@ -375,11 +375,17 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def started_server(server_args: list[str], log_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
-    """`python -m service serve` on free loopback ports; (process, gRPC port, HTTP port) once ready."""
+def started_server(
+    server_args: list[str], log_path: Path, simulate_device_ms: float | None = None
+) -> Iterator[tuple[subprocess.Popen[bytes], int, int]]:
+    """`python -m service serve` on free loopback ports; (process, gRPC port, HTTP port) once ready. With
+    `simulate_device_ms`, through bench/simulated_device.py: every engine step takes that long, no model runs."""
     grpc_port, http_port = free_port(), free_port()
     with tempfile.TemporaryDirectory(prefix="rwkvd-bench-") as data, log_path.open("wb") as log:
-        command = [sys.executable, "-m", "service", "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
+        launcher = ["-m", "service"]
+        if simulate_device_ms is not None:
+            launcher = ["-m", "bench.simulated_device", "--step-ms", str(simulate_device_ms), "--"]
+        command = [sys.executable, *launcher, "serve", "--host", "127.0.0.1", "--grpc-port", str(grpc_port)]
         command += ["--http-port", str(http_port), "--data-dir", data, "--drain-seconds", "0", *server_args]
         process = subprocess.Popen(command, cwd=Path(__file__).resolve().parents[1], stdout=log, stderr=log)
         try:
@@ -521,6 +527,13 @@ def main() -> None:
         default=1,
         help="client processes sharing the load (one asyncio client saturates near 10-20k messages/s)",
     )
+    ap.add_argument(
+        "--simulate-device-ms",
+        type=float,
+        default=None,
+        help="start the server on a simulated device whose every step takes this long (bench/simulated_device.py): "
+        "the host's own ceiling, engine and front end, without a model",
+    )
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
@@ -534,7 +547,9 @@ def main() -> None:
             device, description = args.device or "unknown", args.device or "unknown"
         else:
             log_path = Path(tempfile.gettempdir()) / f"rwkvd-bench-serve-{os.getpid()}.log"
-            process, grpc_port, http_port = stack.enter_context(started_server(server_args, log_path))
+            process, grpc_port, http_port = stack.enter_context(
+                started_server(server_args, log_path, args.simulate_device_ms)
+            )
             target = Target(
                 args.protocol,
                 args.endpoint,
@@ -545,6 +560,9 @@ def main() -> None:
             )
             pid = process.pid
             device, description = device_of(server_args, args.device)
+            if args.simulate_device_ms is not None:
+                device = f"simulated{args.simulate_device_ms:g}ms-{device}"
+                description = f"simulated device, {args.simulate_device_ms:g} ms per step (host: {description})"
         load_before = os.getloadavg()[0]
         results = asyncio.run(measure(args, target, pid))
         load_after = os.getloadavg()[0]
@@ -557,7 +575,15 @@ def main() -> None:
         "commit": git_commit(),
         "date": now.isoformat(timespec="seconds"),
         "conditions": {
-            "server": "external" if external else "started: python -m service serve " + " ".join(server_args),
+            "server": "external"
+            if external
+            else "started: python -m service serve "
+            + " ".join(server_args)
+            + (
+                f" on a simulated device ({args.simulate_device_ms:g} ms per step, bench/simulated_device.py)"
+                if args.simulate_device_ms is not None
+                else ""
+            ),
             "model": "built-in demo (random weights)" if not external and "--model" not in server_args else "as given",
             "num_prompts": args.num_prompts,
             "warmup": args.warmup,

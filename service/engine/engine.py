@@ -56,6 +56,7 @@ class Engine:
         self._stopping = False
         self._finished_seqs: list[Sequence] = []  # finished this iteration, events not yet delivered
         self._unemitted: list[Sequence] = []  # accepted a token whose text _flush() decodes
+        self._with_deadline: set[Sequence] = set()  # live sequences with a deadline (checked every step)
         # Launch step N+1 before decoding step N's text and delivering its events (see _iterate).
         self._overlap = config.overlap_on(runner.device.type)
         self._exited = threading.Event()
@@ -119,7 +120,7 @@ class Engine:
                 )
             self._queued += 1
             self._live.add(request.request_id)
-            self._commands.append(lambda: self._scheduler.add(seq))
+            self._commands.append(lambda: self._add(seq))
             self._cv.notify()
 
     def abort(self, request_id: str) -> None:
@@ -264,9 +265,16 @@ class Engine:
             if seq.params.max_tokens == 0 and seq.fed >= seq.target:
                 self._finish(seq, FinishReason.LENGTH)  # nothing to read: the prompt is its pending token
 
+    def _add(self, seq: Sequence) -> None:
+        self._scheduler.add(seq)
+        if seq.request.deadline is not None:
+            self._with_deadline.add(seq)
+
     def _expire(self) -> None:
+        if not self._with_deadline:
+            return
         now = time.monotonic()
-        for seq in list(self._scheduler.all()):
+        for seq in list(self._with_deadline):
             deadline = seq.request.deadline
             if deadline is not None and now >= deadline:
                 self._finish(seq, FinishReason.DEADLINE)
@@ -299,13 +307,21 @@ class Engine:
         self._clock["sample"] += result.sample_seconds
         post_start = time.perf_counter()
         now = time.monotonic()
-        sampled = dict(zip(result.sample_rows, range(len(result.sample_rows)), strict=True))
+        sample_rows, sampled_tokens, sampled_logprobs = (
+            result.sample_rows,
+            result.sampled.tokens,
+            result.sampled.logprobs,
+        )
+        k = 0  # sample_rows is ascending: the next sampled row's place in it
         # For the observer: a few list appends per row, handed over once after the loop.
         tokens = prefill_tokens = 0
         first_tokens: list[tuple[str, float]] = []
         gaps: list[tuple[str, float]] = []
         for i, row in enumerate(plan.rows):
             seq = row.seq
+            j = None
+            if k < len(sample_rows) and sample_rows[k] == i:
+                j, k = k, k + 1
             try:
                 tokens += row.end - row.start
                 if seq.phase is Phase.PREFILL:
@@ -313,10 +329,9 @@ class Engine:
                 seq.mark_read(row.end, step_start, now)
                 if row.end in seq.cache_points:
                     self._runner.cache_prefix(seq)
-                j = sampled.get(i)
                 if j is not None:
                     last = seq.clock.last_token
-                    if seq.on_token(result.sampled.tokens[j], result.sampled.logprobs[j], now, self._overlap):
+                    if seq.on_token(sampled_tokens[j], sampled_logprobs[j], now, self._overlap):
                         self._unemitted.append(seq)
                     if last is None:
                         first_tokens.append((seq.api, now - seq.clock.arrival))
@@ -366,6 +381,7 @@ class Engine:
         finished = seq.finished_event(reason, state, error)
         seq.outbox.append(finished)
         self._scheduler.remove(seq)
+        self._with_deadline.discard(seq)
         self._finished_seqs.append(seq)
         with self._cv:
             self._live.discard(seq.id)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -39,8 +40,7 @@ def uniform(seed: int, position: int) -> float:
     return (_mix64(_mix64(seed) ^ position) >> 41) / float(1 << 23)
 
 
-@dataclass(frozen=True)
-class SampleRow:
+class SampleRow(NamedTuple):  # a tuple: built for every sampled row of every step, so cheaply
     slot: int
     params: SamplingParams
     seed: int

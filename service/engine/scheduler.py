@@ -11,12 +11,12 @@ import contextlib
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from .sequence import Phase, Sequence
 
 
-@dataclass(frozen=True)
-class PlannedRow:
+class PlannedRow(NamedTuple):  # a tuple: built for every row of every step, so cheaply
     seq: Sequence
     start: int  # feed[start:end] is read this step
     end: int
@@ -76,10 +76,12 @@ class Scheduler:
     def plan(self) -> StepPlan:
         rows: list[PlannedRow] = []
         budget = self.max_batch_tokens
+        decode = Phase.DECODE
         for seq in self.running:
-            if seq.phase is Phase.DECODE:
-                start, end = seq.next_chunk(1)
-                rows.append(PlannedRow(seq, start, end, True))
+            if seq.phase is decode:
+                # A generating sequence reads its one pending token: feed[fed] (no cache point lies strictly
+                # inside a one-token chunk), so next_chunk(1) is not needed on this per-row path.
+                rows.append(PlannedRow(seq, seq.fed, seq.fed + 1, True))
                 budget -= 1
         for seq in self.running:
             if budget <= 0:
