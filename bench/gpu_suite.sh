@@ -14,7 +14,8 @@
 #        engine-2.9b-sampled package   (preflight always runs first)
 # Optional steps, run only when named: engine-2.9b-fp16state (engine-2.9b with --state-dtype float16,
 #        the reduced-precision WKV state: compare it with engine-2.9b from the same run), overlap-off
-#        (0.1B and 2.9B decode with --overlap off: what overlapping host work with the device buys)
+#        (0.1B and 2.9B decode with --overlap off: what overlapping host work with the device buys),
+#        host-ceiling (this host's CPU alone on a simulated 5 ms device: engine and gRPC serving ceilings)
 # Environment: PYTHON (default python3), RWKVD_COMMIT (the commit, for a tree copied without .git),
 # SUITE_BUDGET (seconds for the whole run, default 540 with $OUT set, else 0 = none; a step gets at most
 # what is left, one that cannot get 30 s is skipped), WHEEL_SITE (default /tmp/site), BANDWIDTH_GBS
@@ -41,7 +42,7 @@ DECODE_TOKENS=${DECODE_TOKENS:-64}
 BW_FLAG=()
 [ -n "${BANDWIDTH_GBS:-}" ] && BW_FLAG=(--bandwidth "$BANDWIDTH_GBS")
 ALL=(tests kernels engine-0.1b engine-1.5b engine-2.9b engine-7.2b graphs-off engine-2.9b-sampled package)
-OPTIONAL=(engine-2.9b-fp16state overlap-off) # named on the command line only, never part of the default run
+OPTIONAL=(engine-2.9b-fp16state overlap-off host-ceiling) # named on the command line only, never part of the default run
 
 limit() { # the time limit of a step: T_<STEP> overrides the default
     local var="T_$(echo "$1" | tr 'a-z.-' 'A-Z__')"
@@ -50,11 +51,11 @@ limit() { # the time limit of a step: T_<STEP> overrides the default
 declare -A DEFAULT_LIMIT=(
     [preflight]=90 [tests]=300 [kernels]=90 [engine-0.1b]=240 [engine-1.5b]=300 [engine-2.9b]=360
     [engine-7.2b]=540 [graphs-off]=180 [engine-2.9b-sampled]=240 [package]=170 [engine-2.9b-fp16state]=360
-    [overlap-off]=300
+    [overlap-off]=300 [host-ceiling]=240
 ) # kernels: per head count; package: per size and path
 
 if [ "${1:-}" = "--list" ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
     echo
     for s in preflight "${ALL[@]}"; do printf '  %-22s %4ss\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
     for s in "${OPTIONAL[@]}"; do printf '  %-22s %4ss  (optional: only when named)\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
@@ -267,6 +268,16 @@ for step in "${STEPS[@]}"; do
             # short steps (compare with engine-0.1b / engine-2.9b at the same batches).
             engine overlap-off-0.1b 0.1b --overlap off --batch 64,256,1024 --prompt-lens 1024 &&
                 engine overlap-off-2.9b 2.9b --overlap off --batch 64,256 --prompt-lens 1024 ;;
+        host-ceiling)
+            # No GPU work: the engine's and the front end's own ceilings on this host's cores
+            # (bench/simulated_device.py), beside the 2-core VM's figures in bench/README.md.
+            run host-ceiling-engine "$PY" bench/engine.py --size tiny --device cpu --threads 1 --batch 64,256,1024 \
+                --prompt-lens 16 --temperature 0 --decode-tokens 64 --simulate-device-ms 5 --overlap on \
+                --out-dir "$DIR" &&
+                run host-ceiling-serve "$PY" bench/serve.py --protocol grpc --simulate-device-ms 5 --concurrency 64,256 \
+                    --num-prompts 512 --warmup 16 --input-tokens 32 --output-tokens 128 --client-processes 4 \
+                    --server-args "--max-batch-size 256 --threads 1 --overlap on --device cpu" \
+                    --out "$DIR/serve-grpc-host-ceiling-$STAMP.json" ;;
         engine-2.9b-fp16state)
             # Same points as engine-2.9b (greedy, $BATCHES, prefill 1024 and 8192), the WKV state in fp16.
             engine "$step" 2.9b --state-dtype float16 ;;
