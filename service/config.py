@@ -138,6 +138,12 @@ OPTIONS: tuple[_Option, ...] = (
     _Option("--threads", "engine.threads", _optional_int, "torch CPU threads"),
     _Option("--cuda-graphs", "engine.cuda_graphs", str, "CUDA graphs for decode steps: auto (on with CUDA), on, off"),
     _Option(
+        "--stream-interval",
+        "engine.stream_interval",
+        int,
+        "hand a stream its tokens every N tokens (first token and end at once); 1 = every token",
+    ),
+    _Option(
         "--overlap",
         "engine.overlap",
         str,

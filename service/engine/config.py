@@ -41,6 +41,11 @@ class EngineConfig:
     # work overlaps the device's: auto = on with a CUDA device (on a CPU a launch is the whole step, and
     # overlapping would only hold every step's events back by one step).
     overlap: str = "auto"  # auto | on | off
+    # A generating request's tokens are handed to its stream every this many tokens (its first token, its
+    # end and every other event at once). 1 = every token. Larger values cut the front end's work per token
+    # (one message carries several) when many streams share the event loop, at the price of burstier
+    # streams: inter-token latency becomes a multiple of the step time (SGLang's --stream-interval).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         problems = []
@@ -61,6 +66,8 @@ class EngineConfig:
             problems.append("threads must be at least 1")
         if self.cuda_graphs not in ("auto", "on", "off"):
             problems.append(f"cuda_graphs must be auto, on or off, not {self.cuda_graphs!r}")
+        if self.stream_interval < 1:
+            problems.append("stream_interval must be at least 1")
         if self.overlap not in ("auto", "on", "off"):
             problems.append(f"overlap must be auto, on or off, not {self.overlap!r}")
         if problems:

@@ -407,10 +407,12 @@ class Engine:
     def _deliver(self) -> None:
         """One callback per event loop with every event of this iteration."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[TokenEvent]]]] = {}
+        interval = self._config.stream_interval
         for seq in (*self._scheduler.running, *self._finished_seqs):
             if seq.outbox:
-                batches.setdefault(seq.sink.loop, []).append((seq.sink, seq.outbox))
-                seq.outbox = []
+                events = seq.take_events(interval)
+                if events:
+                    batches.setdefault(seq.sink.loop, []).append((seq.sink, events))
         self._finished_seqs.clear()
         for loop, items in batches.items():
             with contextlib.suppress(RuntimeError):  # that loop is closed: its consumers are gone

@@ -67,6 +67,7 @@ class Sequence:
         self.phase = Phase.WAITING
         self.clock = _Clock(arrival=time.monotonic())
         self.outbox: list[TokenEvent] = []
+        self._streamed_tokens = 0  # generated tokens handed to the sink so far
         # For observers only: the front end it came through, and the submitting context when asked for.
         self.api = "internal"
         self.origin: contextvars.Context | None = None
@@ -181,6 +182,26 @@ class Sequence:
 
     def _logprobs(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> tuple[TokenLogprob, ...]:
         return () if logprob is None else (self._logprob(token, logprob),)
+
+    def take_events(self, interval: int) -> list[TokenEvent]:
+        """The outbox's events to hand to the sink now, or none to hold them: with `interval` > 1, deltas
+        wait until they carry `interval` tokens, unless they are the first tokens or come with any other
+        event (Started, Finished, a tail of text on cancel)."""
+        events = self.outbox
+        if not events:
+            return events
+        if interval > 1 and self._streamed_tokens > 0:
+            pending = 0
+            for event in events:
+                if not isinstance(event, Delta):
+                    break
+                pending += len(event.token_ids)
+            else:
+                if pending < interval:
+                    return []
+        self.outbox = []
+        self._streamed_tokens += sum(len(e.token_ids) for e in events if isinstance(e, Delta))
+        return events
 
     def _flush_text(self) -> str:
         if self._stops.stopped:

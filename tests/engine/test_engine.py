@@ -206,15 +206,20 @@ def make_config(path: Path, **kw: object) -> EngineConfig:
     return EngineConfig(**values)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="module", params=["off", "on"], ids=["serial", "overlap"])
-def overlap(request: pytest.FixtureRequest) -> str:
-    """Every test here runs on both step loops: events out as each step ends, or overlapped with the next."""
-    return str(request.param)
+@pytest.fixture(
+    scope="module",
+    params=[{"overlap": "off"}, {"overlap": "on"}, {"overlap": "on", "stream_interval": 3}],
+    ids=["serial", "overlap", "overlap-interval3"],
+)
+def loop_settings(request: pytest.FixtureRequest) -> dict[str, object]:
+    """Every test here runs on each step loop: events out as each step ends, overlapped with the next step,
+    and overlapped with tokens handed out three at a time."""
+    return dict(request.param)
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_checkpoint: Path, overlap: str) -> Iterator[LocalEngineClient]:
-    client = build_engine(make_config(tiny_checkpoint, overlap=overlap))
+def engine(tiny_checkpoint: Path, loop_settings: dict[str, object]) -> Iterator[LocalEngineClient]:
+    client = build_engine(make_config(tiny_checkpoint, **loop_settings))
     yield client
     client.shutdown()
 
@@ -778,7 +783,7 @@ CYCLE_TEXT = "🫠 ok"
 
 @pytest.fixture(scope="module")
 def scripted(
-    tmp_path_factory: pytest.TempPathFactory, engine: LocalEngineClient, overlap: str
+    tmp_path_factory: pytest.TempPathFactory, engine: LocalEngineClient, loop_settings: dict[str, object]
 ) -> Iterator[LocalEngineClient]:
     cycle = engine.tokenizer.encode(CYCLE_TEXT)
     assert len(cycle) == 4
@@ -793,7 +798,7 @@ def scripted(
         h = torch.nn.functional.layer_norm(t["emb.weight"][cur], (shape.n_embd,))
         t["head.weight"][nxt] = 0.5 * h  # logit ~0.5 * n_embd = 64 for the successor, ~N(0, 1.5) for others
     path = write_checkpoint(t, tmp_path_factory.mktemp("scripted") / "scripted.pth")
-    client = build_engine(make_config(path, max_batch_size=2, overlap=overlap))
+    client = build_engine(make_config(path, max_batch_size=2, **loop_settings))
     yield client
     client.shutdown()
 
@@ -1024,3 +1029,63 @@ async def test_a_failure_decoding_deferred_text_fails_that_request_alone(
         assert (await run(client, request(prompt, greedy(max_tokens=12, ignore_eos=True)))).ids == alone.ids
     finally:
         client.shutdown()
+
+
+class RecordingSink:
+    """Records each hand-over from the engine as it comes (one list per delivery), and when the end came."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self.deliveries: list[list[TokenEvent]] = []
+        self.done = asyncio.Event()
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        return self._loop
+
+    def deliver(self, events: list[TokenEvent]) -> None:
+        self.deliveries.append(list(events))
+        if any(isinstance(e, Finished) for e in events):
+            self.done.set()
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+async def test_stream_interval_hands_tokens_over_in_groups(tiny_checkpoint: Path, overlap: str) -> None:
+    """With --stream-interval 4: the first token at once, then deltas four tokens at a time, the end at once;
+    the events themselves are those of an every-token stream."""
+    every = build_engine(make_config(tiny_checkpoint, overlap=overlap))
+    grouped = build_engine(make_config(tiny_checkpoint, overlap=overlap, stream_interval=4))
+    try:
+        prompt = prompt_of(every, 10, offset=11)
+        sinks = []
+        for client in (every, grouped):
+            sink = RecordingSink()
+            client._engine.submit(request(prompt, seeded(5, max_tokens=19, ignore_eos=True)), sink)
+            await asyncio.wait_for(sink.done.wait(), 60)
+            sinks.append(sink)
+        ones, fours = sinks
+
+        def tokens(delivery: list[TokenEvent]) -> int:
+            return sum(len(e.token_ids) for e in delivery if isinstance(e, Delta))
+
+        def deltas(sink: RecordingSink) -> list[tuple[int, tuple[int, ...], str]]:
+            return [(e.offset, e.token_ids, e.text) for d in sink.deliveries for e in d if isinstance(e, Delta)]
+
+        assert deltas(ones) == deltas(fours)
+        assert {tokens(d) for d in ones.deliveries} <= {0, 1}
+        counts = [tokens(d) for d in fours.deliveries if tokens(d)]
+        assert counts[0] == 1  # the first token is not held
+        assert counts[1:-1] == [4] * (len(counts) - 2)  # then four at a time
+        assert 1 <= counts[-1] <= 4  # the rest comes with the end
+        assert isinstance(fours.deliveries[-1][-1], Finished)
+        assert sum(counts) == 19
+    finally:
+        every.shutdown()
+        grouped.shutdown()
+
+
+def test_stream_interval_setting() -> None:
+    assert EngineConfig().stream_interval == 1
+    with pytest.raises(ValueError, match="stream_interval must be at least 1"):
+        EngineConfig(stream_interval=0)
+    assert parse_serve_args(["--stream-interval", "4"], {}).engine.stream_interval == 4
