@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import cast
 
 from starlette.responses import StreamingResponse
 
@@ -29,28 +30,62 @@ def event(data: str, name: str | None = None, event_id: str | None = None) -> by
     return ("\n".join(lines) + "\n\n").encode()
 
 
+_END = object()  # the source is exhausted
+
+
+class _Failed:
+    def __init__(self, error: BaseException) -> None:
+        self.error = error
+
+
 async def with_keepalive(events: AsyncIterator[bytes], every: float) -> AsyncIterator[bytes]:
-    """The events, with a keep-alive comment whenever none came for `every` seconds (client read timeouts)."""
+    """The events, with a keep-alive comment whenever none came for `every` seconds (client read timeouts).
+
+    One task reads the source into a one-item queue and one timer per `every` seconds checks for silence,
+    rather than a task and a timer per event: a stream's events cost two queue hand-offs. The queue holds
+    one item, so a slow client still holds the source back (the engine then merges its tokens)."""
     iterator = aiter(events)
-    pending: asyncio.Task[bytes] | None = None
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[object] = asyncio.Queue(maxsize=1)
+    last = loop.time()  # when the client was last given something
+
+    async def read() -> None:
+        try:
+            async for item in iterator:
+                await queue.put(item)
+        except Exception as exc:
+            await queue.put(_Failed(exc))
+        else:
+            await queue.put(_END)
+
+    timer: asyncio.TimerHandle | None = None
+
+    def tick() -> None:
+        nonlocal timer
+        silent = loop.time() - last
+        if silent >= every and queue.empty():
+            queue.put_nowait(KEEPALIVE)
+            silent = 0.0
+        timer = loop.call_later(max(every - silent, every / 10), tick)
+
+    reader = asyncio.ensure_future(read())
+    timer = loop.call_later(every, tick)
     try:
         while True:
-            if pending is None:
-                pending = asyncio.ensure_future(anext(iterator))
-            done, _ = await asyncio.wait({pending}, timeout=every)
-            if not done:
-                yield KEEPALIVE
-                continue
-            pending, finished = None, done.pop()
-            try:
-                yield finished.result()
-            except StopAsyncIteration:
+            item = await queue.get()
+            if item is _END:
                 return
+            if isinstance(item, _Failed):
+                raise item.error
+            last = loop.time()
+            yield cast(bytes, item)
     finally:
-        if pending is not None:
-            pending.cancel()
-            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-                await pending
+        if timer is not None:
+            timer.cancel()
+        if not reader.done():
+            reader.cancel()  # the source gets the CancelledError at its await: its finally runs
+        with contextlib.suppress(asyncio.CancelledError):
+            await reader
         closer = getattr(iterator, "aclose", None)
         if closer is not None:
             await closer()  # runs the source's finally: (aborts, unsubscribes)
