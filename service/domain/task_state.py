@@ -134,7 +134,7 @@ class Round:
         )
 
     async def wait_for_tokens(self, count: int) -> None:
-        """Until the round holds `count` tokens or has ended (events may trail the engine by a step)."""
+        """Until the round holds `count` tokens or has ended (events may trail the engine by a few steps)."""
         while len(self.tokens) < count and not self.finished:
             await self._changed.wait()
 

@@ -332,12 +332,18 @@ class TaskManager:
             try:
                 state = await self._engine.snapshot(request_id)
             except FailedPrecondition as exc:
-                if exc.reason != "NOT_STARTED":
+                if exc.reason == "NOT_RUNNING":
+                    # It ended in the engine and its end is on the way (with overlap or --stream-interval the
+                    # events trail the engine by a step or more): wait for the end, then take the final state.
+                    await source.round.wait_for_tokens(1 << 62)
+                elif exc.reason == "NOT_STARTED":
+                    await asyncio.sleep(0.01)  # still queued for a slot: wait for its first step
+                else:
                     raise
-                await asyncio.sleep(0.01)  # still queued for a slot: wait for its first step
                 request_id = source.request_id
                 continue
-            # The round's events may trail the engine by a step: wait for them, and cut at the snapshot.
+            # The round's events may trail the engine (a step with overlap, up to --stream-interval tokens):
+            # wait for them, and cut at the snapshot.
             upto = source.request_base + state.generated_tokens
             await source.round.wait_for_tokens(upto)
             return state, source.round.copy(copy_id, upto)

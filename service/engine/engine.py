@@ -291,7 +291,8 @@ class Engine:
     def _fail_step(self, plan: StepPlan, exc: Exception) -> None:
         log.error("engine step failed (%d rows)", len(plan.rows), exc_info=exc)
         for row in plan.rows:
-            self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
+            if row.seq.phase is not Phase.DONE:  # not already ended while the step ran (a failure in _flush)
+                self._finish(row.seq, FinishReason.ERROR, error=f"engine step failed: {type(exc).__name__}")
 
     def _accept(self, plan: StepPlan, launched: _Launched) -> None:
         """Reads the step's tokens (the one wait for the device) and moves every row on: read offsets, prefix
@@ -322,6 +323,8 @@ class Engine:
             j = None
             if k < len(sample_rows) and sample_rows[k] == i:
                 j, k = k, k + 1
+            if seq.phase is Phase.DONE:
+                continue  # ended while its step ran (its text failed to decode in _flush): nothing more of it
             try:
                 tokens += row.end - row.start
                 if seq.phase is Phase.PREFILL:

@@ -30,7 +30,9 @@ class StepSample:
     rows: int
     prefill_tokens: int  # prompt tokens read (rows still in prefill)
     decode_tokens: int  # generated tokens read (one per decoding row)
-    seconds: float  # forward, sampling and bookkeeping of the step
+    # Launch to tokens accepted: forward, sampling and bookkeeping (with overlap also the previous step's
+    # text and delivery, done while the device ran: the step's wall time as the engine saw it).
+    seconds: float
     forward_seconds: float
     sample_seconds: float
     first_tokens: list[tuple[str, float]]  # (api, seconds from arrival) of each request's first token

@@ -16,7 +16,7 @@ from service.domain.task_state import RoundDelta, RoundEnded, RoundStarted, Task
 from service.domain.tasks import TaskInput, TaskLimits, TaskManager
 from service.engine.config import EngineConfig
 from service.engine.local import LocalEngineClient, build_engine
-from service.engine.protocol import FinishReason
+from service.engine.protocol import FinishReason, GenerationRequest, SamplingParams
 from service.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, ResourceExhausted
 from service.store.sqlite import Store
 
@@ -119,6 +119,40 @@ async def test_fork_of_a_running_task_copies_it_at_its_latest_step(manager: Task
     assert copied >= 5
     # Greedy from the same state: the fork's continuation is what the source generated next.
     assert fork.round.tokens == source.round.tokens[: len(fork.round.tokens)]
+
+
+@pytest.mark.parametrize("overlap", ["off", "on"])
+async def test_fork_of_a_task_ending_this_step_copies_its_final_state(tmp_path: Path, overlap: str) -> None:
+    """A fork asked for just as the source ends, when the engine is a step ahead of the events (overlap, or
+    another request keeping it busy): the engine no longer runs the source, its end is on the way; the fork
+    waits for it and copies the final result and state instead of failing."""
+    engine = build_engine(EngineConfig(max_batch_size=4, max_queued=64, overlap=overlap))
+    store = await Store.open(tmp_path)
+    tasks = TaskManager(engine, store, TaskLimits(max_temporary=50))
+    await tasks.start()
+    busy = engine.generate(GenerationRequest("busy", (1, 2, 3), SamplingParams(max_tokens=100_000, ignore_eos=True)))
+    background = asyncio.create_task(drain(busy))
+    try:
+        for _ in range(6):
+            source = await tasks.create(TaskKind.TEMPORARY, TaskInput(text="x"), GREEDY)
+            await source.round.wait_for_tokens(9)  # one token short of the end
+            forked = await tasks.fork(source.id, None, SamplingOverrides(max_tokens=2), TaskKind.TEMPORARY)
+            fork = await finished(forked)
+            await finished(source)
+            copied = len(fork.round.tokens) - 2
+            assert 9 <= copied <= 10
+            assert fork.round.tokens[:copied] == source.round.tokens[:copied]
+    finally:
+        await engine.abort("busy")
+        await background
+        await tasks.close()
+        await store.close()
+        engine.shutdown()
+
+
+async def drain(events: AsyncIterator[Any]) -> None:
+    async for _ in events:
+        pass
 
 
 async def test_templates_are_read_only_and_forkable(manager: TaskManager) -> None:
