@@ -216,7 +216,10 @@ class Engine:
             self._commands.clear()
             stopping = self._stopping
         for command in commands:
-            command()
+            try:
+                command()
+            except Exception:  # a bug in one command must not stop the loop every request depends on
+                log.exception("engine command failed")
         if stopping:
             for seq in list(self._scheduler.all()):
                 self._finish(seq, FinishReason.CANCELLED)
@@ -377,9 +380,13 @@ class Engine:
                 state = seq.request.start_state
         elif seq.slot is not None:
             if reason is not FinishReason.ERROR:
-                if seq.request.keep_state:
-                    state = self._runner.snapshot(seq)
-                self._runner.cache_prefix(seq)
+                try:
+                    if seq.request.keep_state:
+                        state = self._runner.snapshot(seq)
+                    self._runner.cache_prefix(seq)
+                except Exception as exc:  # a device error copying the state (out of memory): this request fails
+                    log.exception("request %s: keeping its state failed", seq.id)
+                    state, reason, error = None, FinishReason.ERROR, f"keeping the state failed: {type(exc).__name__}"
             self._runner.release(seq)
         finished = seq.finished_event(reason, state, error)
         seq.outbox.append(finished)

@@ -39,6 +39,7 @@ from service.engine.protocol import (
     TokenEvent,
     TokenLogprob,
 )
+from service.engine.runner import Runner
 from service.engine.sequence import Sequence as EngineSequence
 from service.engine.snapshot import StateSnapshot, to_bytes
 from service.engine.state_pool import RnnState
@@ -1144,3 +1145,41 @@ async def test_a_text_failure_while_the_last_step_runs_ends_the_request_once(
     assert end.reason is FinishReason.ERROR
     assert [e.offset for e in events if isinstance(e, Delta)] == list(range(max_tokens - 1))
     assert [reason for rid, reason in observer.ends if rid == "doomed"] == [FinishReason.ERROR]
+
+
+async def test_a_failure_keeping_the_state_fails_that_request_alone(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copying a finished request's state can fail on a device (out of memory): that request ends with an
+    error naming it, whether it ended by itself or was cancelled, and the engine goes on."""
+    original = Runner.snapshot
+
+    def snapshot(self: Runner, seq: EngineSequence) -> StateSnapshot:
+        if seq.id.startswith("doomed"):
+            raise RuntimeError("CUDA out of memory (injected)")
+        return original(self, seq)
+
+    monkeypatch.setattr(Runner, "snapshot", snapshot)
+    client = build_engine(make_config(tiny_checkpoint))
+    try:
+        prompt = prompt_of(client, 8)
+        sampling = greedy(max_tokens=4, ignore_eos=True)
+        doomed = GenerationRequest("doomed-1", tuple(prompt), sampling, keep_state=True)
+        ended = [ev async for ev in client.generate(doomed)]
+        cancelled = client.generate(
+            GenerationRequest("doomed-2", tuple(prompt), greedy(max_tokens=100_000, ignore_eos=True), keep_state=True)
+        )
+        first = await anext(cancelled)
+        assert isinstance(first, Started)
+        await client.abort("doomed-2")
+        rest = [ev async for ev in cancelled]
+        for events in (ended, rest):
+            end = events[-1]
+            assert isinstance(end, Finished)
+            assert end.reason is FinishReason.ERROR
+            assert end.state is None
+            assert end.error == "keeping the state failed: RuntimeError"
+        after = await run(client, request(prompt, sampling, keep_state=True))
+        assert after.reason is FinishReason.LENGTH
+    finally:
+        client.shutdown()
