@@ -9,6 +9,7 @@ Semantics follow vLLM's metrics under Prometheus names (base units, `_total` on 
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Iterator
 from typing import Protocol
 
@@ -21,7 +22,7 @@ from prometheus_client import (
     PlatformCollector,
     ProcessCollector,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
 
@@ -58,7 +59,7 @@ class _ApiSeries:
     def __init__(self, m: Metrics, api: str) -> None:
         labels = (m.model, api)
         self.ttft = m.time_to_first_token.labels(*labels)
-        self.itl = m.inter_token_latency.labels(*labels)
+        self.itl = m.inter_token_latency.series(labels)
         self.e2e = m.e2e_latency.labels(*labels)
         self.queue = m.queue_time.labels(*labels)
         self.prefill = m.prefill_time.labels(*labels)
@@ -66,6 +67,50 @@ class _ApiSeries:
         self.prompt_tokens = m.prompt_tokens.labels(*labels)
         self.cached_tokens = m.cached_prompt_tokens.labels(*labels)
         self.generation_tokens = m.generation_tokens.labels(*labels)
+
+
+class _Counts:
+    """One label set of a _TokenHistogram: counts per bucket (the last is +Inf) and the sum."""
+
+    __slots__ = ("bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self.bounds = bounds
+        self.counts = [0] * (len(bounds) + 1)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.bounds, value)] += 1  # the first bucket with value <= its bound
+        self.sum += value
+
+
+class _TokenHistogram(Collector):
+    """A histogram for once-per-token observations from the engine thread: plain counters, no lock (one writer;
+    a scrape copies them), about a tenth of prometheus_client's observe(). Exposed like a Histogram."""
+
+    def __init__(self, name: str, documentation: str, bounds: tuple[float, ...]) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._bounds = tuple(float(b) for b in bounds)
+        self._series: dict[tuple[str, str], _Counts] = {}
+
+    def series(self, labels: tuple[str, str]) -> _Counts:
+        """The counters of (model, api); created on first use, from the engine thread."""
+        counts = self._series.get(labels)
+        if counts is None:
+            counts = self._series[labels] = _Counts(self._bounds)
+        return counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=["model", "api"])
+        for labels, series in list(self._series.items()):
+            counts, total = list(series.counts), series.sum
+            cumulative, running = [], 0
+            for bound, n in zip((*self._bounds, float("inf")), counts, strict=True):
+                running += n
+                cumulative.append(("+Inf" if bound == float("inf") else repr(bound), running))  # as Histogram writes le
+            family.add_metric(list(labels), cumulative, total)
+        yield family
 
 
 class Metrics:
@@ -98,13 +143,13 @@ class Metrics:
             buckets=TTFT_BUCKETS,
             registry=r,
         )
-        self.inter_token_latency = Histogram(
+        # Observed once per generated token: a histogram of plain counters (below), not prometheus_client's.
+        self.inter_token_latency = _TokenHistogram(
             "rwkvd_inter_token_latency_seconds",
             "Between consecutive generated tokens of a request",
-            req,
-            buckets=ITL_BUCKETS,
-            registry=r,
+            ITL_BUCKETS,
         )
+        r.register(self.inter_token_latency)
         self.e2e_latency = Histogram(
             "rwkvd_e2e_request_latency_seconds",
             "From arrival at the engine to the request's end",
@@ -188,7 +233,7 @@ class Metrics:
         for api, seconds in step.first_tokens:
             self._api(api).ttft.observe(seconds)
         for api, seconds in step.token_gaps:
-            self._api(api).itl.observe(seconds)
+            self._api(api).itl.observe(seconds)  # a bisect and two additions
 
     def on_request_end(self, request: RequestSample) -> None:
         s = self._api(request.api)

@@ -287,3 +287,26 @@ async def test_gpu_memory_and_unknown_api_names(app: App) -> None:
     assert total(samples, "rwkvd_gpu_memory_bytes", kind="total") == 80 << 30
     # A label value outside the documented set folds into "internal".
     assert total(samples, "rwkvd_requests_total", api="internal", outcome="resource_exhausted") == 1
+
+
+def test_the_per_token_histogram_is_exposed_exactly_like_a_prometheus_histogram() -> None:
+    """rwkvd_inter_token_latency_seconds is observed once per token with plain counters (_TokenHistogram); a
+    scrape must read exactly what prometheus_client's Histogram would write for the same observations."""
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from service.metrics import ITL_BUCKETS, _TokenHistogram
+
+    registry = CollectorRegistry()
+    reference = Histogram("ref_seconds", "d", ["model", "api"], buckets=ITL_BUCKETS, registry=registry)
+    fast = _TokenHistogram("fast_seconds", "d", ITL_BUCKETS)
+    registry.register(fast)
+    values = [0.0, 0.0005, 0.001, 0.001000001, 0.004, 0.3, 0.3, 9.99, 20.0, 1e9]
+    for api, vs in (("grpc", values), ("openai", values[3:])):
+        for v in vs:
+            reference.labels("m", api).observe(v)
+            fast.series(("m", api)).observe(v)
+    text = generate_latest(registry).decode().splitlines()
+    ref = sorted(line.removeprefix("ref") for line in text if line.startswith("ref_seconds") and "_created" not in line)
+    got = sorted(line.removeprefix("fast") for line in text if line.startswith("fast_seconds"))
+    assert got == ref
+    assert len(got) == 2 * (len(ITL_BUCKETS) + 1 + 2)  # buckets with +Inf, _count, _sum per label set

@@ -67,7 +67,7 @@ class Sequence:
         self.phase = Phase.WAITING
         self.clock = _Clock(arrival=time.monotonic())
         self.outbox: list[TokenEvent] = []
-        self._streamed_tokens = 0  # generated tokens handed to the sink so far
+        self._streamed = False  # a delta has been handed to the sink (read with a stream interval only)
         # For observers only: the front end it came through, and the submitting context when asked for.
         self.api = "internal"
         self.origin: contextvars.Context | None = None
@@ -188,19 +188,18 @@ class Sequence:
         wait until they carry `interval` tokens, unless they are the first tokens or come with any other
         event (Started, Finished, a tail of text on cancel)."""
         events = self.outbox
-        if not events:
-            return events
-        if interval > 1 and self._streamed_tokens > 0:
+        if interval > 1 and events:
             pending = 0
             for event in events:
                 if not isinstance(event, Delta):
                     break
                 pending += len(event.token_ids)
             else:
-                if pending < interval:
+                if self._streamed and pending < interval:
                     return []
+            if not self._streamed:
+                self._streamed = any(isinstance(e, Delta) for e in events)
         self.outbox = []
-        self._streamed_tokens += sum(len(e.token_ids) for e in events if isinstance(e, Delta))
         return events
 
     def _flush_text(self) -> str:
