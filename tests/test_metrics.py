@@ -289,7 +289,7 @@ async def test_gpu_memory_and_unknown_api_names(app: App) -> None:
     assert total(samples, "rwkvd_requests_total", api="internal", outcome="resource_exhausted") == 1
 
 
-def test_the_per_token_histogram_is_exposed_exactly_like_a_prometheus_histogram() -> None:
+async def test_the_per_token_histogram_is_exposed_exactly_like_a_prometheus_histogram() -> None:
     """rwkvd_inter_token_latency_seconds is observed once per token with plain counters (_TokenHistogram); a
     scrape must read exactly what prometheus_client's Histogram would write for the same observations."""
     from prometheus_client import CollectorRegistry, Histogram, generate_latest
