@@ -237,6 +237,10 @@ class Engine:
             self._accept(plan, launched)
         if not self._overlap or self._scheduler.idle:  # idle: no next step to hide this behind
             self._flush()
+        elif self._finished_seqs:  # ends go out now rather than after the next launch (which may capture a graph)
+            t0 = time.perf_counter()
+            self._deliver(only_finished=True)
+            self._clock["deliver"] += time.perf_counter() - t0
         return True
 
     def _flush(self) -> None:
@@ -414,11 +418,13 @@ class Engine:
                 )
             )
 
-    def _deliver(self) -> None:
-        """One callback per event loop with every event of this iteration."""
+    def _deliver(self, only_finished: bool = False) -> None:
+        """One callback per event loop with the events waiting: every request's, or the finished ones' only
+        (their outboxes are complete: text is never deferred past a request's end)."""
         batches: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[TokenEvent]]]] = {}
         interval = self._config.stream_interval
-        for seq in (*self._scheduler.running, *self._finished_seqs):
+        running = () if only_finished else self._scheduler.running
+        for seq in (*running, *self._finished_seqs):
             if seq.outbox:
                 events = seq.take_events(interval)
                 if events:
