@@ -41,10 +41,15 @@ class LaunchedStep:
     sample_rows: list[int]
     forward_seconds: float  # host seconds issuing the forward
     launch_seconds: float  # host seconds issuing the sampling
+    runner: Runner | None = None  # told when the step is no longer in flight
 
     def result(self) -> StepResult:
         t0 = time.perf_counter()
-        sampled = self.pending.result() if self.pending is not None else Sampled([], [])
+        try:
+            sampled = self.pending.result() if self.pending is not None else Sampled([], [])
+        finally:
+            if self.runner is not None:
+                self.runner.in_flight = None
         return StepResult(
             sampled, self.sample_rows, self.forward_seconds, self.launch_seconds + time.perf_counter() - t0
         )
@@ -73,13 +78,21 @@ class Runner:
         self.graphs = DecodeGraphs(model, self.pool, slots, capture) if cuda_graphs else None
         self.sampler = Sampler(slots, model.shape.vocab_size, model.device)
         self.prefix_cache = prefix_cache
+        # The step launched and not yet read back. While it is in flight the device is rewriting the states
+        # of its rows: nothing may launch, copy or load a state (the engine's overlap depends on this).
+        self.in_flight: LaunchedStep | None = None
 
     @property
     def free_slots(self) -> int:
         return self.pool.capacity - self.pool.in_use
 
+    def _settled(self, what: str) -> None:
+        if self.in_flight is not None:
+            raise RuntimeError(f"{what} while a step is in flight (its states are being rewritten)")
+
     def admit(self, seq: Sequence, start: StateSnapshot | None) -> None:
         """Gives `seq` a slot holding its start state: a snapshot, a cached prefix, or zero."""
+        self._settled("admitting a sequence")
         slot = self.pool.allocate()
         if slot is None:
             raise RuntimeError("admit() without a free slot")
@@ -118,6 +131,7 @@ class Runner:
     def launch(self, plan: StepPlan) -> LaunchedStep:
         """Issues a step's forward and sampling to the device without waiting for them (on a CPU they run
         here). Nothing else may run on the device before the result is read (a graph's logits are reused)."""
+        self._settled("launching a step")
         rows = plan.rows
         slots = [r.seq.slot for r in rows]
         assert all(s is not None for s in slots)
@@ -141,16 +155,19 @@ class Runner:
             for i in sample_rows
         ]
         pending = self.sampler.launch(logits, sample_specs) if sample_specs else None
-        return LaunchedStep(pending, sample_rows, t1 - t0, time.perf_counter() - t1)
+        self.in_flight = LaunchedStep(pending, sample_rows, t1 - t0, time.perf_counter() - t1, self)
+        return self.in_flight
 
     def cache_prefix(self, seq: Sequence) -> None:
         """Puts the slot's state (after feed[:fed]) into the prefix cache, if it is a from-zero state."""
         if seq.from_zero and seq.slot is not None and seq.request.use_prefix_cache:
+            self._settled("caching a state")
             self.prefix_cache.insert(seq.feed[: seq.fed], self.pool.snapshot(seq.slot))
 
     def snapshot(self, seq: Sequence) -> StateSnapshot:
         """The sequence's state as it stands after the latest step."""
         assert seq.slot is not None
+        self._settled("copying a state")
         penalties, seen = self.sampler.snapshot(seq.slot)
         return StateSnapshot(
             rnn=self.pool.snapshot(seq.slot),

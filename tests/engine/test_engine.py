@@ -40,6 +40,7 @@ from service.engine.protocol import (
     TokenLogprob,
 )
 from service.engine.runner import Runner
+from service.engine.scheduler import PlannedRow, StepPlan
 from service.engine.sequence import Sequence as EngineSequence
 from service.engine.snapshot import StateSnapshot, to_bytes
 from service.engine.state_pool import RnnState
@@ -1183,3 +1184,39 @@ async def test_a_failure_keeping_the_state_fails_that_request_alone(
         assert after.reason is FinishReason.LENGTH
     finally:
         client.shutdown()
+
+
+async def test_no_state_is_copied_loaded_or_stepped_while_a_step_is_in_flight(tiny_checkpoint: Path) -> None:
+    """The overlap's invariant, enforced by the runner: between launch and result the device rewrites the
+    step's states, so a snapshot, an admission or a second launch then is refused, not silently wrong."""
+    client = build_engine(make_config(tiny_checkpoint))
+
+    def probe() -> list[str]:  # in the engine thread, between steps
+        runner = client._runner
+
+        def sequence(name: str) -> EngineSequence:  # its sink is never used: no event leaves this probe
+            request = GenerationRequest(name, (1, 2, 3), greedy(max_tokens=4))
+            return EngineSequence(request, None, client.tokenizer, seed=1)  # type: ignore[arg-type]
+
+        seq, other = sequence("probe"), sequence("other")
+        runner.admit(seq, None)
+        plan = StepPlan([PlannedRow(seq, 0, len(seq.feed), True)])
+        step = runner.launch(plan)
+        refused: list[str] = []
+        for attempt in (lambda: runner.snapshot(seq), lambda: runner.launch(plan), lambda: runner.admit(other, None)):
+            try:
+                attempt()
+            except RuntimeError as exc:
+                refused.append(str(exc))
+        step.result()
+        runner.snapshot(seq)  # settled again
+        runner.release(seq)
+        assert other.slot is None  # the refused admission took no slot
+        return refused
+
+    try:
+        refused = await asyncio.wrap_future(client._engine.call(probe))
+    finally:
+        client.shutdown()
+    assert len(refused) == 3
+    assert all("while a step is in flight" in message for message in refused)
