@@ -180,8 +180,12 @@ class Sequence:
             text = self._decoder.push((token,))
             self.outbox.append(Delta(self.id, index, (token,), text, self._logprobs(token, logprob)))
 
-    def _logprobs(self, token: int, logprob: tuple[float, list[tuple[int, float]]] | None) -> tuple[TokenLogprob, ...]:
-        return () if logprob is None else (self._logprob(token, logprob),)
+    def _logprobs(self, token: int, value: tuple[float, list[tuple[int, float]]] | None) -> tuple[TokenLogprob, ...]:
+        """The Delta's logprobs: none unless asked for, else the token's with its top alternatives."""
+        if value is None:
+            return ()
+        tb = self._tokenizer.token_bytes
+        return (TokenLogprob(token, tb(token), value[0], tuple((i, tb(i), lp) for i, lp in value[1])),)
 
     def take_events(self, interval: int) -> list[TokenEvent]:
         """The outbox's events to hand to the sink now, or none to hold them: with `interval` > 1, deltas
@@ -206,10 +210,6 @@ class Sequence:
         if self._stops.stopped:
             return ""
         return self._stops.push(self._decoder.flush()) + self._stops.flush()
-
-    def _logprob(self, token: int, value: tuple[float, list[tuple[int, float]]]) -> TokenLogprob:
-        tb = self._tokenizer.token_bytes
-        return TokenLogprob(token, tb(token), value[0], tuple((i, tb(i), lp) for i, lp in value[1]))
 
     def _started(self) -> Started:
         c = self.clock

@@ -27,7 +27,6 @@ from service.config import parse_serve_args
 from service.engine.config import EngineConfig
 from service.engine.generator import generate_state_dict, model_shape, write_checkpoint
 from service.engine.local import LocalEngineClient, build_engine
-from service.engine.observer import RequestSample, StepSample
 from service.engine.protocol import (
     Delta,
     Finished,
@@ -46,6 +45,7 @@ from service.engine.snapshot import StateSnapshot, to_bytes
 from service.engine.state_pool import RnnState
 from service.engine.tokenizer import WorldTokenizer
 from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted
+from tests.engine.test_observer import Recorder
 
 GAP_TOL = 1e-3
 MAX_PROMPT = 256
@@ -1093,22 +1093,6 @@ def test_stream_interval_setting() -> None:
     assert parse_serve_args(["--stream-interval", "4"], {}).engine.stream_interval == 4
 
 
-class EndsObserver:
-    wants_origin = False
-
-    def __init__(self) -> None:
-        self.ends: list[tuple[str, FinishReason]] = []
-
-    def on_step(self, step: StepSample) -> None:
-        pass
-
-    def on_request_end(self, request: RequestSample) -> None:
-        self.ends.append((request.request_id, request.reason))
-
-    def on_rejected(self, api: str, kind: str) -> None:
-        pass
-
-
 async def test_a_text_failure_while_the_last_step_runs_ends_the_request_once(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1127,7 +1111,7 @@ async def test_a_text_failure_while_the_last_step_runs_ends_the_request_once(
 
     monkeypatch.setattr(EngineSequence, "emit_text", emit_text)
     client = build_engine(make_config(tiny_checkpoint, overlap="on"))
-    observer = EndsObserver()
+    observer = Recorder()
     client.observe(observer)
     try:
         sink = RecordingSink()
@@ -1145,7 +1129,7 @@ async def test_a_text_failure_while_the_last_step_runs_ends_the_request_once(
     assert isinstance(end, Finished)
     assert end.reason is FinishReason.ERROR
     assert [e.offset for e in events if isinstance(e, Delta)] == list(range(max_tokens - 1))
-    assert [reason for rid, reason in observer.ends if rid == "doomed"] == [FinishReason.ERROR]
+    assert [end.reason for end in observer.ends if end.request_id == "doomed"] == [FinishReason.ERROR]
 
 
 async def test_a_failure_keeping_the_state_fails_that_request_alone(
