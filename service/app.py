@@ -24,6 +24,7 @@ from service.domain.tasks import TaskLimits, TaskManager
 from service.domain.webhooks import WebhookDelivery
 from service.engine.local import LocalEngineClient, build_engine
 from service.engine.observer import EngineObserver, ObserverGroup
+from service.engine.remote import ProcessEngineClient, start_engine_process
 from service.grpc.interceptors import CallObserver
 from service.grpc.server import GrpcServer, Services
 from service.http import replicate
@@ -49,7 +50,8 @@ class App:
         self.metrics: Metrics | None = None
         self.tracing: Tracing | None = None
         self.readiness = Readiness()
-        self.engine: LocalEngineClient | None = None
+        self.engine: LocalEngineClient | ProcessEngineClient | None = None
+        self.engine_lost = False  # the engine process died: the app stops and exits non-zero
         self.store: Store | None = None
         self.tasks: TaskManager | None = None
         self.predictions: PredictionManager | None = None
@@ -58,11 +60,16 @@ class App:
         self.http: HttpServer | None = None
         # Where clients reach the HTTP API (prediction URLs, webhooks): --public-url, else the listener.
         self.base_url = config.public_url or ""
+        self._stop = asyncio.Event()  # run() serves until it is set
 
     async def start(self) -> None:
         cfg = self.config
-        # Build in a worker thread: loading takes a while, and the engine thread does all torch work.
-        self.engine = await asyncio.to_thread(build_engine, cfg.engine)
+        if cfg.engine_process:
+            self.engine = await start_engine_process(cfg.engine, cfg.log_level, cfg.log_format)
+            self.engine.on_lost = self._engine_lost
+        else:
+            # Build in a worker thread: loading takes a while, and the engine thread does all torch work.
+            self.engine = await asyncio.to_thread(build_engine, cfg.engine)
         try:
             metrics = self.metrics = Metrics(self.engine)
             wanted = tracing_wanted(cfg.otel, os.environ)
@@ -149,17 +156,24 @@ class App:
         if self.tracing is not None:
             await asyncio.to_thread(self.tracing.shutdown)  # the engine's last spans are in by now
 
-    async def run(self) -> None:
-        """Starts, serves until SIGTERM or SIGINT, then shuts down in order."""
+    def _engine_lost(self) -> None:
+        """The engine process died: stop serving (health goes NOT_SERVING at once) and exit non-zero."""
+        self.engine_lost = True
+        self.readiness.ready = False
+        self._stop.set()
+
+    async def run(self) -> int:
+        """Starts, serves until SIGTERM or SIGINT (or the engine process dies), then shuts down in order.
+        Returns the exit status: 0, or 1 when the engine process died."""
         loop = asyncio.get_running_loop()
-        stop = asyncio.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+            loop.add_signal_handler(sig, self._stop.set)
         await self.start()
-        await stop.wait()
+        await self._stop.wait()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.remove_signal_handler(sig)  # a second signal now kills the process the default way
         await self.shutdown()
+        return 1 if self.engine_lost else 0
 
 
 def _reachable(host: str) -> str:

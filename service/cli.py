@@ -18,8 +18,7 @@ def _serve(argv: Sequence[str]) -> int:
 
     config = parse_serve_args(argv, os.environ)
     logs.configure(config.log_level, config.log_format)
-    asyncio.run(App(config).run())
-    return 0
+    return asyncio.run(App(config).run())
 
 
 def _make_checkpoint(argv: Sequence[str]) -> int:

@@ -53,6 +53,9 @@ class ServerConfig:
     max_request_bytes: int = 64 * 1024 * 1024
     # HTTP requests handled at once (streams included; health and metrics exempt); beyond: 429 + Retry-After.
     http_max_concurrency: int = 4096
+    # Run the engine in a process of its own (service/engine/remote.py): the front ends' event loop and the
+    # step loop then stop sharing one GIL, which caps streamed tokens per second under many streams.
+    engine_process: bool = False
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -148,6 +151,12 @@ OPTIONS: tuple[_Option, ...] = (
         "engine.overlap",
         str,
         "decode text and deliver events while the device runs the next step: auto (on with CUDA), on, off",
+    ),
+    _Option(
+        "--engine-process",
+        "engine_process",
+        _bool,
+        "run the engine in its own process beside the front ends (more streamed tokens/s under many streams)",
     ),
     _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
     _Option("--public-url", "public_url", _optional_str, "base URL clients reach this server at (prediction urls)"),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -37,6 +38,9 @@ async def running_app(**settings: Any) -> AsyncIterator[App]:
             "grace_seconds": 5.0,
             "data_dir": scratch,
             "engine.max_batch_size": 16,
+            # RWKVD_TEST_ENGINE_PROCESS=1 runs every app's engine in a process of its own (the whole suite
+            # can be run that way; tests/test_engine_process.py runs the API end to end so in CI).
+            "engine_process": os.environ.get("RWKVD_TEST_ENGINE_PROCESS") == "1",
         }
         values.update(settings)
         app = App(build_config(values))

@@ -8,8 +8,6 @@ a failing request fails alone; the loop goes on.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import contextvars
 import logging
 import secrets
@@ -22,20 +20,16 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from service.errors import (
-    AlreadyExists,
     FailedPrecondition,
-    InvalidArgument,
-    ResourceExhausted,
     RwkvdError,
-    Unavailable,
 )
 
 from .config import EngineConfig
 from .observer import EngineObserver, RequestSample, StepSample
-from .protocol import EngineStats, FinishReason, GenerationRequest, StateRef, TokenEvent, check_sampling
+from .protocol import EngineStats, FinishReason, GenerationRequest, StateRef, TokenEvent, check_admission, check_request
 from .runner import LaunchedStep, Runner
 from .scheduler import Scheduler, StepPlan
-from .sequence import Phase, Sequence, Sink
+from .sequence import Outlet, Phase, Sequence, Sink
 from .snapshot import StateSnapshot
 from .tokenizer import WorldTokenizer
 
@@ -106,18 +100,14 @@ class Engine:
         if observer is not None and observer.wants_origin:
             seq.origin = contextvars.copy_context()  # submit runs in the caller's context
         with self._cv:
-            if self._stopping:
-                raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING", retry_after=1.0)
-            if request.request_id in self._live:
-                raise AlreadyExists(f"request id {request.request_id!r} is in use", reason="DUPLICATE_REQUEST_ID")
             # Submitted requests take the free slots first; only those beyond them wait in the queue.
-            waiting = self._queued - self._runner.free_slots
-            if waiting >= self._config.max_queued:
-                raise ResourceExhausted(
-                    f"{max(waiting, 0)} requests are waiting for a slot; try again shortly",
-                    reason="QUEUE_FULL",
-                    retry_after=1.0,
-                )
+            check_admission(
+                request.request_id,
+                stopping=self._stopping,
+                in_use=request.request_id in self._live,
+                waiting=self._queued - self._runner.free_slots,
+                max_queued=self._config.max_queued,
+            )
             self._queued += 1
             self._live.add(request.request_id)
             self._commands.append(lambda: self._add(seq))
@@ -172,21 +162,14 @@ class Engine:
             self._cv.notify()
 
     def validate(self, request: GenerationRequest) -> None:
-        vocab = self._runner.model.shape.vocab_size
-        check_sampling(request.sampling, "sampling", vocab, self._config.max_new_tokens)
-        if len(request.prompt) > self._config.max_prompt_tokens:
-            raise InvalidArgument.for_field(
-                "prompt",
-                f"{len(request.prompt)} tokens, at most {self._config.max_prompt_tokens} are accepted",
-                reason="PROMPT_TOO_LONG",
-            )
-        if any(not 0 <= t < vocab for t in request.prompt):
-            raise InvalidArgument.for_field("prompt", f"token ids must be in [0, {vocab})", reason="INVALID_TOKEN")
-        start = request.start_state
-        if start is not None and (
-            not isinstance(start, StateSnapshot) or start.model_version != self._runner.model_version
-        ):
-            raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
+        version = self._runner.model_version
+        check_request(
+            request,
+            vocab_size=self._runner.model.shape.vocab_size,
+            max_prompt_tokens=self._config.max_prompt_tokens,
+            max_new_tokens=self._config.max_new_tokens,
+            state_ok=lambda s: isinstance(s, StateSnapshot) and s.model_version == version,
+        )
 
     def run(self) -> None:
         """The step loop, in the engine thread, until shutdown()."""
@@ -419,20 +402,19 @@ class Engine:
             )
 
     def _deliver(self, only_finished: bool = False) -> None:
-        """One callback per event loop with the events waiting: every request's, or the finished ones' only
+        """One hand-over per outlet with the events waiting: every request's, or the finished ones' only
         (their outboxes are complete: text is never deferred past a request's end)."""
-        batches: dict[asyncio.AbstractEventLoop, list[tuple[Sink, list[TokenEvent]]]] = {}
+        batches: dict[Outlet, list[tuple[Sink, list[TokenEvent]]]] = {}
         interval = self._config.stream_interval
         running = () if only_finished else self._scheduler.running
         for seq in (*running, *self._finished_seqs):
             if seq.outbox:
                 events = seq.take_events(interval)
                 if events:
-                    batches.setdefault(seq.sink.loop, []).append((seq.sink, events))
+                    batches.setdefault(seq.sink.outlet, []).append((seq.sink, events))
         self._finished_seqs.clear()
-        for loop, items in batches.items():
-            with contextlib.suppress(RuntimeError):  # that loop is closed: its consumers are gone
-                loop.call_soon_threadsafe(_deliver_all, items)
+        for outlet, items in batches.items():
+            outlet.send(items)
 
 
 @dataclass(frozen=True)
@@ -440,8 +422,3 @@ class _Launched:
     step: LaunchedStep
     step_start: float  # monotonic, for request clocks
     started: float  # perf_counter, for the step's duration
-
-
-def _deliver_all(items: list[tuple[Sink, list[TokenEvent]]]) -> None:
-    for sink, events in items:
-        sink.deliver(events)

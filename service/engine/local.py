@@ -9,18 +9,19 @@ next step.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import threading
 import time
+import weakref
 from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
+from typing import cast
 
 import torch
-
-from service.errors import InvalidArgument
 
 from .backend import ModelBackend
 from .checkpoint import Checkpoint, load_checkpoint, validate_state_dict
@@ -31,8 +32,18 @@ from .generator import DEMO_SEED, demo_shape, generate_state_dict, state_dict_sh
 from .model import TorchRwkv7
 from .observer import EngineObserver, ObserverGroup, request_api
 from .prefix_cache import PrefixCache
-from .protocol import Delta, EngineStats, Finished, GenerationRequest, ModelInfo, StateRef, TokenEvent
+from .protocol import (
+    Delta,
+    EngineStats,
+    Finished,
+    GenerationRequest,
+    ModelInfo,
+    StateRef,
+    TokenEvent,
+    foreign_state,
+)
 from .runner import Runner
+from .sequence import Sink
 from .snapshot import StateSnapshot, from_bytes, to_bytes
 from .tokenizer import WorldTokenizer
 
@@ -40,14 +51,39 @@ log = logging.getLogger("rwkvd.engine")
 DEMO_MODEL_ID = "local/rwkv7-demo"
 
 
-class _QueueSink:
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
-        self.queue: asyncio.Queue[list[TokenEvent]] = asyncio.Queue()
+class LoopOutlet:
+    """Hands a step's events to the consumers on one event loop: a single callback per step."""
 
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+
+    def send(self, batch: list[tuple[Sink, list[TokenEvent]]]) -> None:
+        with contextlib.suppress(RuntimeError):  # that loop is closed: its consumers are gone
+            self.loop.call_soon_threadsafe(_deliver_all, batch)
+
+
+def _deliver_all(batch: list[tuple[Sink, list[TokenEvent]]]) -> None:
+    for sink, events in batch:
+        cast(QueueSink, sink).deliver(events)  # a LoopOutlet's sinks are QueueSinks
+
+
+# One outlet per event loop, so that a step's events for all of a loop's requests go in one callback.
+_outlets: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, LoopOutlet] = weakref.WeakKeyDictionary()
+
+
+def loop_outlet(loop: asyncio.AbstractEventLoop) -> LoopOutlet:
+    outlet = _outlets.get(loop)
+    if outlet is None:
+        outlet = _outlets[loop] = LoopOutlet(loop)
+    return outlet
+
+
+class QueueSink:
+    """One request's events, queued on the event loop of its consumer."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.outlet = loop_outlet(loop)
+        self.queue: asyncio.Queue[list[TokenEvent]] = asyncio.Queue()
 
     def deliver(self, events: list[TokenEvent]) -> None:
         self.queue.put_nowait(events)
@@ -74,8 +110,8 @@ def coalesce(events: list[TokenEvent]) -> list[TokenEvent]:
 class EventStream:
     """One request's events, merged per read; aborts the request if closed or dropped before the end."""
 
-    def __init__(self, engine: Engine, sink: _QueueSink, request_id: str) -> None:
-        self._engine = engine
+    def __init__(self, abort: Callable[[str], None], sink: QueueSink, request_id: str) -> None:
+        self._abort = abort
         self._sink = sink
         self._request_id = request_id
         self._ready: deque[TokenEvent] = deque()
@@ -104,7 +140,7 @@ class EventStream:
         if not self._finished:
             self._finished = True
             self._ready.clear()
-            self._engine.abort(self._request_id)
+            self._abort(self._request_id)
 
     def __del__(self) -> None:
         # A consumer cancelled mid-iteration (a client that went away) drops its stream: free the slot.
@@ -127,10 +163,10 @@ class LocalEngineClient:
         return self._tokenizer
 
     def generate(self, request: GenerationRequest) -> EventStream:
-        sink = _QueueSink(asyncio.get_running_loop())
+        sink = QueueSink(asyncio.get_running_loop())
         # raises here, before the caller has started anything; the API label comes from the caller's context
         self._engine.submit(request, sink, request_api.get())
-        return EventStream(self._engine, sink, request.request_id)
+        return EventStream(self._engine.abort, sink, request.request_id)
 
     def check(self, request: GenerationRequest) -> None:
         self._engine.validate(request)
@@ -138,28 +174,48 @@ class LocalEngineClient:
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 
+    def abort_nowait(self, request_id: str) -> None:
+        """abort() for callers without an event loop: the request ends at the next step."""
+        self._engine.abort(request_id)
+
     async def snapshot(self, request_id: str) -> StateRef:
-        return await asyncio.wrap_future(self._engine.call(lambda: self._engine.snapshot_of(request_id)))
+        return await asyncio.wrap_future(self.snapshot_later(request_id))
 
     async def export_state(self, state: StateRef) -> bytes:
-        if not isinstance(state, StateSnapshot) or state.model_version != self._model.version:
-            raise InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
-        return await asyncio.wrap_future(self._engine.call(lambda: to_bytes(state)))
+        return await asyncio.wrap_future(self.export_later(state))
 
     async def import_state(self, data: bytes) -> StateRef:
+        return await asyncio.wrap_future(self.import_later(data))
+
+    # The state operations as futures of the engine thread (for callers without an event loop: the engine
+    # process's host). Each runs between steps.
+
+    def submit(self, request: GenerationRequest, sink: Sink, api: str) -> None:
+        """Engine.submit: for callers that bring their own sink (the engine process's host)."""
+        self._engine.submit(request, sink, api)
+
+    def snapshot_later(self, request_id: str) -> Future[StateSnapshot]:
+        return self._engine.call(lambda: self._engine.snapshot_of(request_id))
+
+    def export_later(self, state: StateRef) -> Future[bytes]:
+        if not isinstance(state, StateSnapshot) or state.model_version != self._model.version:
+            failed: Future[bytes] = Future()
+            failed.set_exception(foreign_state())
+            return failed
+        return self._engine.call(lambda: to_bytes(state))
+
+    def import_later(self, data: bytes) -> Future[StateSnapshot]:
         model, pool = self._runner.model, self._runner.pool
         # Parsing and device copies run in the engine thread, off the event loop and between steps. A state
         # saved under another --dtype or --state-dtype is converted to this engine's (from_bytes).
-        return await asyncio.wrap_future(
-            self._engine.call(
-                lambda: from_bytes(
-                    data,
-                    model_version=self._model.version,
-                    shape=model.shape,
-                    device=model.device,
-                    dtype=model.dtype,
-                    state_dtype=pool.state_dtype,
-                )
+        return self._engine.call(
+            lambda: from_bytes(
+                data,
+                model_version=self._model.version,
+                shape=model.shape,
+                device=model.device,
+                dtype=model.dtype,
+                state_dtype=pool.state_dtype,
             )
         )
 

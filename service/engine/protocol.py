@@ -7,11 +7,11 @@ edge. The domain depends on `EngineClient`, never on the concrete engine. No tor
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from service.errors import FieldViolation, InvalidArgument
+from service.errors import AlreadyExists, FieldViolation, InvalidArgument, ResourceExhausted, Unavailable
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_LENGTH = 256
@@ -297,3 +297,47 @@ def check_sampling(params: SamplingParams, prefix: str, vocab_size: int, max_tok
     bad = params.violations(prefix, vocab_size, max_tokens_limit)
     if bad:
         raise InvalidArgument.for_fields(bad)
+
+
+def check_request(
+    request: GenerationRequest,
+    *,
+    vocab_size: int,
+    max_prompt_tokens: int,
+    max_new_tokens: int,
+    state_ok: Callable[[StateRef], bool],
+) -> None:
+    """Raises what an engine refuses a request for: bad sampling, a prompt too long or out of the vocabulary,
+    or a start state that `state_ok` says is not one of this engine's (another model's, another process's)."""
+    check_sampling(request.sampling, "sampling", vocab_size, max_new_tokens)
+    if len(request.prompt) > max_prompt_tokens:
+        raise InvalidArgument.for_field(
+            "prompt",
+            f"{len(request.prompt)} tokens, at most {max_prompt_tokens} are accepted",
+            reason="PROMPT_TOO_LONG",
+        )
+    if any(not 0 <= t < vocab_size for t in request.prompt):
+        raise InvalidArgument.for_field("prompt", f"token ids must be in [0, {vocab_size})", reason="INVALID_TOKEN")
+    if request.start_state is not None and not state_ok(request.start_state):
+        raise foreign_state()
+
+
+def foreign_state() -> InvalidArgument:
+    """The error for a state that is not this engine's (another model's, or not a state at all)."""
+    return InvalidArgument.for_field("state", "not a state of this model", reason="INVALID_STATE")
+
+
+def check_admission(request_id: str, *, stopping: bool, in_use: bool, waiting: int, max_queued: int) -> None:
+    """Raises what an engine refuses a valid request for: stopping, a request id still running, a full queue.
+
+    `waiting`: requests that would be ahead of this one in the queue (submitted beyond the free slots)."""
+    if stopping:
+        raise Unavailable("the engine is shutting down", reason="ENGINE_STOPPING", retry_after=1.0)
+    if in_use:
+        raise AlreadyExists(f"request id {request_id!r} is in use", reason="DUPLICATE_REQUEST_ID")
+    if waiting >= max_queued:
+        raise ResourceExhausted(
+            f"{max(waiting, 0)} requests are waiting for a slot; try again shortly",
+            reason="QUEUE_FULL",
+            retry_after=1.0,
+        )

@@ -8,7 +8,6 @@ Text is decoded here, at the engine's edge, UTF-8-safe and with stop strings hel
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import enum
 import time
@@ -33,12 +32,20 @@ from .tokenizer import EOS_ID, IncrementalDecoder, WorldTokenizer
 
 
 class Sink(Protocol):
-    """Where a sequence's events go: `deliver` is called on `loop`, batched once per engine step."""
+    """Where a sequence's events go: handed to its outlet, batched with the outlet's other sinks once per step."""
 
     @property
-    def loop(self) -> asyncio.AbstractEventLoop: ...
+    def outlet(self) -> Outlet: ...
 
-    def deliver(self, events: list[TokenEvent]) -> None: ...
+
+class Outlet(Protocol):
+    """Where the engine hands a step's events for a group of sinks: an event loop whose consumers read them
+    (in-process, service/engine/local.py) or an engine process's pipe to its front end (service/engine/worker.py).
+
+    Called in the engine thread, once per step with every sink of this outlet that has events; it must not
+    block on the consumers (hand over and return)."""
+
+    def send(self, batch: list[tuple[Sink, list[TokenEvent]]]) -> None: ...
 
 
 class Phase(enum.Enum):

@@ -26,7 +26,7 @@ import torch
 from service.config import parse_serve_args
 from service.engine.config import EngineConfig
 from service.engine.generator import generate_state_dict, model_shape, write_checkpoint
-from service.engine.local import LocalEngineClient, build_engine
+from service.engine.local import LocalEngineClient, build_engine, loop_outlet
 from service.engine.protocol import (
     Delta,
     Finished,
@@ -1037,13 +1037,9 @@ class RecordingSink:
     """Records each hand-over from the engine as it comes (one list per delivery), and when the end came."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.get_running_loop()
+        self.outlet = loop_outlet(asyncio.get_running_loop())
         self.deliveries: list[list[TokenEvent]] = []
         self.done = asyncio.Event()
-
-    @property
-    def loop(self) -> asyncio.AbstractEventLoop:
-        return self._loop
 
     def deliver(self, events: list[TokenEvent]) -> None:
         self.deliveries.append(list(events))
