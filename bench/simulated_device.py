@@ -14,6 +14,7 @@ the real runner. Everything else is the real engine and the real server.
     python bench/engine.py --size tiny --device cpu --simulate-device-ms 5 --batch 64,256 --prompt-lens 16
     python bench/serve.py --simulate-device-ms 5 --concurrency 256 ...     # starts the server through:
     python -m bench.simulated_device --step-ms 5 -- serve --max-batch-size 256 ...
+    (with --engine-process true the engine process is started through this module as well)
 
 Figures from it are host ceilings of the machine they ran on, labelled as simulated in every result file;
 never a device's throughput.
@@ -28,6 +29,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from service.engine import remote, worker
 from service.engine.runner import LaunchedStep, Runner
 from service.engine.sampler import Sampled
 from service.engine.scheduler import StepPlan
@@ -71,6 +73,8 @@ def install(step_ms: float) -> None:
         return LaunchedStep(pending, sample_rows, 0.0, time.perf_counter() - started)  # type: ignore[arg-type]
 
     Runner.launch = launch  # type: ignore[method-assign]
+    # An engine process started from here (--engine-process) runs through this module too, simulated alike.
+    remote.WORKER_COMMAND = [sys.executable, "-m", "bench.simulated_device", "--step-ms", str(step_ms), "engine-worker"]
 
 
 def main() -> None:
@@ -80,9 +84,11 @@ def main() -> None:
     ap.add_argument("rwkvd_args", nargs=argparse.REMAINDER, help="-- then the rwkvd command line (serve ...)")
     args = ap.parse_args()
     install(args.step_ms)
+    rest = args.rwkvd_args[1:] if args.rwkvd_args[:1] == ["--"] else args.rwkvd_args
+    if rest[:1] == ["engine-worker"]:  # the engine process of a server started through this module
+        raise SystemExit(worker.main(rest[1:]))
     from service.cli import main as rwkvd_main
 
-    rest = args.rwkvd_args[1:] if args.rwkvd_args[:1] == ["--"] else args.rwkvd_args
     raise SystemExit(rwkvd_main(rest))
 
 

@@ -15,6 +15,8 @@ import os
 import signal
 from typing import TYPE_CHECKING
 
+import torch
+
 from service.config import ServerConfig
 from service.domain.chat import ChatCompletions
 from service.domain.completions import Completions
@@ -64,7 +66,7 @@ class App:
 
     async def start(self) -> None:
         cfg = self.config
-        if cfg.engine_process:
+        if cfg.engine_process_on(torch.cuda.is_available()):
             self.engine = await start_engine_process(cfg.engine, cfg.log_level, cfg.log_format)
             self.engine.on_lost = self._engine_lost
         else:

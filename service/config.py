@@ -55,7 +55,8 @@ class ServerConfig:
     http_max_concurrency: int = 4096
     # Run the engine in a process of its own (service/engine/remote.py): the front ends' event loop and the
     # step loop then stop sharing one GIL, which caps streamed tokens per second under many streams.
-    engine_process: bool = False
+    # auto = on when the engine runs on a CUDA device (on a CPU the engine's own threads want the cores).
+    engine_process: str = "auto"  # auto | on | off
     engine: EngineConfig = field(default_factory=EngineConfig)
 
     def __post_init__(self) -> None:
@@ -84,8 +85,17 @@ class ServerConfig:
             problems.append("tls_client_ca needs tls_cert and tls_key")
         if self.max_request_bytes < 1024 or self.http_max_concurrency < 1 or self.grpc_max_concurrent_rpcs < 1:
             problems.append("max_request_bytes must be >= 1024, http_max_concurrency and grpc_max_concurrent_rpcs >= 1")
+        if self.engine_process not in ("auto", "on", "off"):
+            problems.append(f"engine_process must be auto, on or off, not {self.engine_process!r}")
         if problems:
             raise ValueError("; ".join(problems))
+
+    def engine_process_on(self, cuda_available: bool) -> bool:
+        """Whether the engine runs in a process of its own (see `engine_process`)."""
+        if self.engine_process != "auto":
+            return self.engine_process == "on"
+        device = self.engine.device
+        return device.startswith("cuda") or (device == "auto" and cuda_available)
 
 
 def _optional_int(text: str) -> int | None:
@@ -155,8 +165,9 @@ OPTIONS: tuple[_Option, ...] = (
     _Option(
         "--engine-process",
         "engine_process",
-        _bool,
-        "run the engine in its own process beside the front ends (more streamed tokens/s under many streams)",
+        str,
+        "the engine in a process of its own beside the front ends (more streamed tokens/s under many streams):"
+        " auto (on with CUDA), on, off",
     ),
     _Option("--max-temporary-tasks", "max_temporary_tasks", int, "temporary tasks kept in memory (LRU)"),
     _Option("--public-url", "public_url", _optional_str, "base URL clients reach this server at (prediction urls)"),

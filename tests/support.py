@@ -40,7 +40,7 @@ async def running_app(**settings: Any) -> AsyncIterator[App]:
             "engine.max_batch_size": 16,
             # RWKVD_TEST_ENGINE_PROCESS=1 runs every app's engine in a process of its own (the whole suite
             # can be run that way; tests/test_engine_process.py runs the API end to end so in CI).
-            "engine_process": os.environ.get("RWKVD_TEST_ENGINE_PROCESS") == "1",
+            "engine_process": "on" if os.environ.get("RWKVD_TEST_ENGINE_PROCESS") == "1" else "off",
         }
         values.update(settings)
         app = App(build_config(values))

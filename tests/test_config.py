@@ -34,6 +34,23 @@ def test_state_dtype_is_float32_unless_asked() -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "cuda_available", "on"),
+    [
+        ([], True, True),  # auto: a CUDA device gets its engine process
+        ([], False, False),  # auto on a CPU: the engine's threads keep the cores
+        (["--device", "cuda:1"], False, True),
+        (["--device", "cpu"], True, False),
+        (["--engine-process", "on", "--device", "cpu"], False, True),
+        (["--engine-process", "off"], True, False),
+    ],
+)
+def test_the_engine_gets_a_process_of_its_own_on_cuda_unless_told(
+    argv: list[str], cuda_available: bool, on: bool
+) -> None:
+    assert parse_serve_args(argv, {}).engine_process_on(cuda_available) is on
+
+
 def test_every_option_has_a_distinct_flag_and_variable() -> None:
     assert len({o.flag for o in OPTIONS}) == len(OPTIONS)
     assert len({o.env for o in OPTIONS}) == len(OPTIONS)
@@ -58,6 +75,7 @@ def test_api_keys_from_flags_environment_and_file(tmp_path: Path) -> None:
         ({"engine.prefill_chunk": 0}, "prefill_chunk"),
         ({"engine.state_dtype": "auto"}, "state_dtype must be float32, float16 or bfloat16"),
         ({"engine.state_dtype": "fp8"}, "state_dtype"),
+        ({"engine_process": "yes"}, "engine_process must be auto, on or off"),
         ({"nonsense": 1}, "unknown settings"),
     ],
 )

@@ -26,8 +26,8 @@ def free_port() -> int:
 
 
 @asynccontextmanager
-async def server(data_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, asyncio.subprocess.Process]]:
-    """`rwkvd serve` in its own process (demo model), and an HTTP client for it once it is ready."""
+async def server(data_dir: Path, *options: str) -> AsyncIterator[tuple[httpx.AsyncClient, asyncio.subprocess.Process]]:
+    """`rwkvd serve [options]` in its own process (demo model), and an HTTP client for it once it is ready."""
     http_port = free_port()
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -38,6 +38,7 @@ async def server(data_dir: Path) -> AsyncIterator[tuple[httpx.AsyncClient, async
         f"--grpc-port={free_port()}",
         f"--http-port={http_port}",
         f"--data-dir={data_dir}",
+        *options,
         env={**os.environ, "RWKVD_THREADS": "1"},
         stderr=asyncio.subprocess.DEVNULL,
     )

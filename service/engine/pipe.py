@@ -7,7 +7,7 @@ observer samples) and tuples naming the message, never anything a client sent as
 
 Messages, front end to engine: ("start", EngineConfig, log_level, log_format) first, then
 ("submit", GenerationRequest, api), ("abort", request_id), ("call", call_id, op, argument) with op one of
-snapshot / export / import, ("release", handle) and ("shutdown",).
+snapshot / export / import / states, ("release", handle) and ("shutdown",).
 Engine to front end: ("ready", ModelInfo, engine_token) or ("failed", text) first, then
 ("events", [(request_id, [TokenEvent, ...]), ...], EngineStats) once per step, ("step", StepSample,
 EngineStats, step_clock, device_memory), ("end", RequestSample), ("reply", call_id, ok, value or error)

@@ -216,6 +216,12 @@ class ProcessEngineClient:
     def device_memory(self) -> dict[str, int]:
         return dict(self._memory)
 
+    async def states_kept(self) -> int:
+        """How many states the engine process keeps for this front end (handles not yet released)."""
+        kept = await self._call("states", None)
+        assert isinstance(kept, int)
+        return kept
+
     @property
     def pid(self) -> int:
         return self._process.pid
@@ -322,6 +328,7 @@ class ProcessEngineClient:
         last = events[-1]
         if isinstance(last, Finished):
             opened = self._open.pop(request_id, None)
+            self._origins.pop(request_id, None)  # its sample came first, if the engine took it at all
             if isinstance(last.state, RemoteState):
                 self._adopt(last.state)
         else:

@@ -207,6 +207,9 @@ class EngineHost:
         elif op == "import":
             assert isinstance(argument, bytes)
             future = self._kept(self.client.import_later(argument))
+        elif op == "states":
+            future = Future()
+            future.set_result(self.states_kept)
         else:
             future = Future()
             future.set_exception(InternalError(f"unknown engine call {op!r}"))
