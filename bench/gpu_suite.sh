@@ -15,7 +15,8 @@
 # Optional steps, run only when named: engine-2.9b-fp16state (engine-2.9b with --state-dtype float16,
 #        the reduced-precision WKV state: compare it with engine-2.9b from the same run), overlap-off
 #        (0.1B and 2.9B decode with --overlap off: what overlapping host work with the device buys),
-#        host-ceiling (this host's CPU alone on a simulated 5 ms device: engine and gRPC serving ceilings)
+#        host-ceiling (this host's CPU alone on a simulated 5 ms device: engine and gRPC serving ceilings,
+#        the engine in the server's process and in one of its own)
 # Environment: PYTHON (default python3), RWKVD_COMMIT (the commit, for a tree copied without .git),
 # SUITE_BUDGET (seconds for the whole run, default 540 with $OUT set, else 0 = none; a step gets at most
 # what is left, one that cannot get 30 s is skipped), WHEEL_SITE (default /tmp/site), BANDWIDTH_GBS
@@ -51,11 +52,11 @@ limit() { # the time limit of a step: T_<STEP> overrides the default
 declare -A DEFAULT_LIMIT=(
     [preflight]=90 [tests]=300 [kernels]=90 [engine-0.1b]=240 [engine-1.5b]=300 [engine-2.9b]=360
     [engine-7.2b]=540 [graphs-off]=180 [engine-2.9b-sampled]=240 [package]=170 [engine-2.9b-fp16state]=360
-    [overlap-off]=300 [host-ceiling]=240
+    [overlap-off]=300 [host-ceiling]=300
 ) # kernels: per head count; package: per size and path
 
 if [ "${1:-}" = "--list" ] || [ "${1:-}" = "-h" ] || [ "${1:-}" = "--help" ]; then
-    sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,25p' "$0" | sed 's/^# \{0,1\}//'
     echo
     for s in preflight "${ALL[@]}"; do printf '  %-22s %4ss\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
     for s in "${OPTIONAL[@]}"; do printf '  %-22s %4ss  (optional: only when named)\n' "$s" "$(limit "$s" "${DEFAULT_LIMIT[$s]}")"; done
@@ -274,10 +275,13 @@ for step in "${STEPS[@]}"; do
             run host-ceiling-engine "$PY" bench/engine.py --size tiny --device cpu --threads 1 --batch 64,256,1024 \
                 --prompt-lens 16 --temperature 0 --decode-tokens 64 --simulate-device-ms 5 --overlap on \
                 --out-dir "$DIR" &&
-                run host-ceiling-serve "$PY" bench/serve.py --protocol grpc --simulate-device-ms 5 --concurrency 64,256 \
-                    --num-prompts 512 --warmup 16 --input-tokens 32 --output-tokens 128 --client-processes 4 \
-                    --server-args "--max-batch-size 256 --threads 1 --overlap on --device cpu" \
-                    --out "$DIR/serve-grpc-host-ceiling-$STAMP.json" ;;
+                for where in off on; do # the engine in the server's process, then in a process of its own
+                    run "host-ceiling-serve-engine-process-$where" "$PY" bench/serve.py --protocol grpc \
+                        --simulate-device-ms 5 --concurrency 64,256 --num-prompts 512 --warmup 16 --input-tokens 32 \
+                        --output-tokens 128 --client-processes 4 \
+                        --server-args "--max-batch-size 256 --threads 1 --overlap on --device cpu --engine-process $where" \
+                        --out "$DIR/serve-grpc-host-ceiling-engine-process-$where-$STAMP.json" || break
+                done ;;
         engine-2.9b-fp16state)
             # Same points as engine-2.9b (greedy, $BATCHES, prefill 1024 and 8192), the WKV state in fp16.
             engine "$step" 2.9b --state-dtype float16 ;;

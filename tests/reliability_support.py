@@ -20,6 +20,7 @@ from rwkvd.v1 import common_pb2
 from service.app import App
 from service.engine.runner import Runner
 from service.engine.sequence import Sequence as EngineSequence
+from tests.support import needs_engine_in_this_process
 
 DETAILS_KEY = "grpc-status-details-bin"
 
@@ -192,6 +193,7 @@ def paced_steps(monkeypatch: pytest.MonkeyPatch, seconds: float) -> Iterator[Non
     Only the pace changes, nothing the engine computes: it makes "within N steps" and "still running
     while the rest arrive" independent of how fast this machine happens to be.
     """
+    needs_engine_in_this_process()
     original = Runner.launch
 
     def slow(self: Runner, plan: Any) -> Any:
@@ -210,6 +212,7 @@ def failing_rows(
     """A fault inside one request: once a doomed sequence has generated `after_tokens` tokens, handling its next
     sampled token raises (as a bug in the per-row post-processing would). Yields the ids of the sequences
     that failed."""
+    needs_engine_in_this_process()
     original = EngineSequence.on_token
     failed: list[str] = []
 

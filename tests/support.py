@@ -11,6 +11,7 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import pytest
 import torch
 
 from service.config import build_config
@@ -18,6 +19,16 @@ from service.engine.generator import generate_state_dict, model_shape, write_che
 
 if TYPE_CHECKING:  # imported when a test starts an app: the kernel and engine tests (and the GPU machine) need
     from service.app import App  # no server stack (fastapi, grpc, the generated stubs) to load this module
+
+
+# RWKVD_TEST_ENGINE_PROCESS=1: every app of the suite runs its engine in a process of its own.
+ENGINE_PROCESS = os.environ.get("RWKVD_TEST_ENGINE_PROCESS") == "1"
+
+
+def needs_engine_in_this_process() -> None:
+    """Skips a test that patches the engine in the test process when apps run theirs in another process."""
+    if ENGINE_PROCESS:
+        pytest.skip("patches the engine in this process; RWKVD_TEST_ENGINE_PROCESS=1 runs it in another")
 
 
 @asynccontextmanager
@@ -38,9 +49,8 @@ async def running_app(**settings: Any) -> AsyncIterator[App]:
             "grace_seconds": 5.0,
             "data_dir": scratch,
             "engine.max_batch_size": 16,
-            # RWKVD_TEST_ENGINE_PROCESS=1 runs every app's engine in a process of its own (the whole suite
-            # can be run that way; tests/test_engine_process.py runs the API end to end so in CI).
-            "engine_process": "on" if os.environ.get("RWKVD_TEST_ENGINE_PROCESS") == "1" else "off",
+            # The whole suite can run on engine processes; tests/test_engine_process.py does so in CI.
+            "engine_process": "on" if ENGINE_PROCESS else "off",
         }
         values.update(settings)
         app = App(build_config(values))

@@ -19,7 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
-from typing import cast
+from typing import TypeVar, cast
 
 import torch
 
@@ -48,6 +48,7 @@ from .snapshot import StateSnapshot, from_bytes, to_bytes
 from .tokenizer import WorldTokenizer
 
 log = logging.getLogger("rwkvd.engine")
+T = TypeVar("T")
 DEMO_MODEL_ID = "local/rwkv7-demo"
 
 
@@ -174,49 +175,48 @@ class LocalEngineClient:
     async def abort(self, request_id: str) -> None:
         self._engine.abort(request_id)
 
-    def abort_nowait(self, request_id: str) -> None:
-        """abort() for callers without an event loop: the request ends at the next step."""
-        self._engine.abort(request_id)
-
     async def snapshot(self, request_id: str) -> StateRef:
-        return await asyncio.wrap_future(self.snapshot_later(request_id))
+        return await asyncio.wrap_future(self.call_later(lambda: self.snapshot_now(request_id)))
 
     async def export_state(self, state: StateRef) -> bytes:
-        return await asyncio.wrap_future(self.export_later(state))
+        return await asyncio.wrap_future(self.call_later(lambda: self.export_now(state)))
 
     async def import_state(self, data: bytes) -> StateRef:
-        return await asyncio.wrap_future(self.import_later(data))
+        # Parsing and device copies run in the engine thread, off the event loop and between steps.
+        return await asyncio.wrap_future(self.call_later(lambda: self.import_now(data)))
 
-    # The state operations as futures of the engine thread (for callers without an event loop: the engine
-    # process's host). Each runs between steps.
+    # For callers without an event loop (the engine process's host): submission with a sink of their own,
+    # aborting, and work in the engine thread. The *_now methods run in the engine thread only.
 
     def submit(self, request: GenerationRequest, sink: Sink, api: str) -> None:
-        """Engine.submit: for callers that bring their own sink (the engine process's host)."""
         self._engine.submit(request, sink, api)
 
-    def snapshot_later(self, request_id: str) -> Future[StateSnapshot]:
-        return self._engine.call(lambda: self._engine.snapshot_of(request_id))
+    def abort_nowait(self, request_id: str) -> None:
+        """The request ends at the next step."""
+        self._engine.abort(request_id)
 
-    def export_later(self, state: StateRef) -> Future[bytes]:
+    def call_later(self, fn: Callable[[], T]) -> Future[T]:
+        """Runs fn in the engine thread between steps."""
+        return self._engine.call(fn)
+
+    def snapshot_now(self, request_id: str) -> StateSnapshot:
+        return self._engine.snapshot_of(request_id)
+
+    def export_now(self, state: StateRef) -> bytes:
         if not isinstance(state, StateSnapshot) or state.model_version != self._model.version:
-            failed: Future[bytes] = Future()
-            failed.set_exception(foreign_state())
-            return failed
-        return self._engine.call(lambda: to_bytes(state))
+            raise foreign_state()
+        return to_bytes(state)
 
-    def import_later(self, data: bytes) -> Future[StateSnapshot]:
+    def import_now(self, data: bytes) -> StateSnapshot:
+        """A state from its bytes; one saved under another --dtype or --state-dtype is converted (from_bytes)."""
         model, pool = self._runner.model, self._runner.pool
-        # Parsing and device copies run in the engine thread, off the event loop and between steps. A state
-        # saved under another --dtype or --state-dtype is converted to this engine's (from_bytes).
-        return self._engine.call(
-            lambda: from_bytes(
-                data,
-                model_version=self._model.version,
-                shape=model.shape,
-                device=model.device,
-                dtype=model.dtype,
-                state_dtype=pool.state_dtype,
-            )
+        return from_bytes(
+            data,
+            model_version=self._model.version,
+            shape=model.shape,
+            device=model.device,
+            dtype=model.dtype,
+            state_dtype=pool.state_dtype,
         )
 
     def step_clock(self) -> dict[str, float]:

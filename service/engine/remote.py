@@ -312,13 +312,15 @@ class ProcessEngineClient:
             self._on_request_end(message[1])
         elif kind == "reply":
             _, call_id, ok, value = message
+            if isinstance(value, RemoteState):
+                self._adopt(value)  # first: if its caller went away, dropping it here releases it there
             future = self._calls.pop(call_id, None)
             if future is None or future.done():  # its caller went away
                 return
-            if not ok:
-                future.set_exception(value)
+            if ok:
+                future.set_result(value)
             else:
-                future.set_result(self._adopt(value) if isinstance(value, RemoteState) else value)
+                future.set_exception(value)
         elif kind == "bye":
             self._end()
         else:

@@ -169,11 +169,10 @@ class EngineHost:
             log.error("engine process: unknown command %r", kind)
 
     def _submit(self, request: GenerationRequest, api: str) -> None:
-        start = request.start_state
-        if isinstance(start, RemoteState):
-            with self._lock:
-                kept = self._states.get(start.handle) if start.engine == self.token else None
-            if kept is None:  # released before it was used: the front end held no reference (a bug there)
+        if request.start_state is not None:
+            try:
+                kept = self._lookup(request.start_state)
+            except RwkvdError:  # released before it was used: the front end held no reference (a bug there)
                 self._refuse(request, "the start state was released")
                 return
             request = dataclasses.replace(request, start_state=kept)
@@ -183,7 +182,10 @@ class EngineHost:
             self._refuse(request, str(exc))
 
     def _refuse(self, request: GenerationRequest, why: str) -> None:
-        """Ends a request this process could not take, as the front end expects every request to end."""
+        """Ends a request this process could not take, as the front end expects every request to end.
+
+        Sent from the engine thread, as everything this process writes but its bye: the reader thread never
+        waits on a full socket, so the front end's own (blocking) writes always drain."""
         ended = Finished(
             request.request_id,
             FinishReason.ERROR,
@@ -192,27 +194,12 @@ class EngineHost:
             seed=request.sampling.seed or 0,
             error=why,
         )
-        self.writer.send(("events", [(request.request_id, [ended])], self.client.stats()))
+        self.client.call_later(
+            lambda: self.writer.send(("events", [(request.request_id, [ended])], self.client.stats()))
+        )
 
     def _call(self, call_id: object, op: str, argument: object) -> None:
-        future: Future[object]
-        if op == "snapshot":
-            assert isinstance(argument, str)
-            future = self._kept(self.client.snapshot_later(argument))
-        elif op == "export":
-            assert isinstance(argument, RemoteState)
-            with self._lock:
-                state = self._states.get(argument.handle) if argument.engine == self.token else None
-            future = self.client.export_later(state) if state is not None else _released()  # type: ignore[assignment]
-        elif op == "import":
-            assert isinstance(argument, bytes)
-            future = self._kept(self.client.import_later(argument))
-        elif op == "states":
-            future = Future()
-            future.set_result(self.states_kept)
-        else:
-            future = Future()
-            future.set_exception(InternalError(f"unknown engine call {op!r}"))
+        """Runs a call in the engine thread (between steps) and sends its result or error from there."""
 
         def reply(done: Future[object]) -> None:
             exc = done.exception()
@@ -222,27 +209,29 @@ class EngineHost:
                 error = exc if isinstance(exc, RwkvdError) else InternalError(f"{type(exc).__name__}: {exc}")
                 self.writer.send(("reply", call_id, False, error))
 
-        future.add_done_callback(reply)
+        self.client.call_later(lambda: self._run(op, argument)).add_done_callback(reply)
 
-    def _kept(self, state: Future[StateSnapshot]) -> Future[object]:
-        """A future of the handle of the state `state` resolves to."""
-        out: Future[object] = Future()
+    def _run(self, op: str, argument: object) -> object:
+        """(Engine thread.) One call's work."""
+        if op == "snapshot":
+            return self.keep(self.client.snapshot_now(str(argument)))
+        if op == "export":
+            return self.client.export_now(self._lookup(argument))
+        if op == "import":
+            return self.keep(self.client.import_now(cast(bytes, argument)))
+        if op == "states":
+            return self.states_kept
+        raise InternalError(f"unknown engine call {op!r}")
 
-        def done(f: Future[StateSnapshot]) -> None:
-            exc = f.exception()
-            if exc is not None:
-                out.set_exception(exc)
-            else:
-                out.set_result(self.keep(f.result()))
-
-        state.add_done_callback(done)
-        return out
-
-
-def _released() -> Future[bytes]:
-    failed: Future[bytes] = Future()
-    failed.set_exception(foreign_state())
-    return failed
+    def _lookup(self, state: object) -> StateSnapshot:
+        """The state a handle of this process names (refused if released, or another process's)."""
+        kept = None
+        if isinstance(state, RemoteState) and state.engine == self.token:
+            with self._lock:
+                kept = self._states.get(state.handle)
+        if kept is None:
+            raise foreign_state()
+        return kept
 
 
 def main(argv: Sequence[str]) -> int:

@@ -23,7 +23,7 @@ from service.app import App
 from service.engine.engine import Engine
 from service.engine.protocol import GenerationRequest
 from service.engine.sequence import Sink
-from tests.support import grpc_target, http_base, running_app
+from tests.support import grpc_target, http_base, needs_engine_in_this_process, running_app
 
 CAP = 4
 # Examples per fuzzed operation: small enough for CI; raise it (RWKVD_FUZZ_EXAMPLES=500) to hunt locally.
@@ -40,6 +40,7 @@ T = TypeVar("T")
 
 def capped_generations(patch: pytest.MonkeyPatch, cap: int = CAP) -> None:
     """Every accepted generation runs at most `cap` tokens (min_tokens likewise), whatever it asked for."""
+    needs_engine_in_this_process()
     original = Engine.submit
 
     def submit(self: Engine, request: GenerationRequest, sink: Sink, *more: Any, **named: Any) -> None:
