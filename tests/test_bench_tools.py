@@ -6,6 +6,7 @@ itself as simulated and records what it measured, and that the simulated device 
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
@@ -38,19 +39,28 @@ def test_engine_benchmark_on_the_simulated_device(tmp_path: Path) -> None:
 @pytest.mark.asyncio
 async def test_the_simulated_device_drives_the_real_engine(monkeypatch: pytest.MonkeyPatch) -> None:
     from bench import simulated_device
+    from service.engine import remote
     from service.engine.runner import Runner
 
-    monkeypatch.setattr(Runner, "launch", Runner.launch)  # restored after the test
+    monkeypatch.setattr(Runner, "launch", Runner.launch)  # both restored after the test
+    monkeypatch.setattr(remote, "WORKER_COMMAND", remote.WORKER_COMMAND)
     simulated_device.install(step_ms=1)
+    request = GenerationRequest("sim", (1, 2, 3), SamplingParams(max_tokens=20, temperature=0.0, seed=0))
     client = build_engine(EngineConfig(max_batch_size=2, overlap="on"))
     try:
-        request = GenerationRequest("sim", (1, 2, 3), SamplingParams(max_tokens=20, temperature=0.0, seed=0))
-        events = [e async for e in client.generate(request)]
+        in_process = [e async for e in client.generate(request)]
     finally:
         client.shutdown()
-    end = events[-1]
-    assert isinstance(end, Finished)
-    assert end.reason is FinishReason.LENGTH
-    text = "".join(e.text for e in events if isinstance(e, Delta))
-    assert len(text) >= 20
-    assert TEXT.startswith(text)  # seed 0: the fixed text from its start, decoded by the real engine
+    # An engine process started from a simulated process is simulated too (bench/serve.py --engine-process on).
+    other = await remote.start_engine_process(EngineConfig(max_batch_size=2, overlap="on"), "warning", "text")
+    try:
+        in_engine_process = [e async for e in other.generate(request)]
+    finally:
+        await asyncio.to_thread(other.shutdown)
+    for events in (in_process, in_engine_process):
+        end = events[-1]
+        assert isinstance(end, Finished)
+        assert end.reason is FinishReason.LENGTH
+        text = "".join(e.text for e in events if isinstance(e, Delta))
+        assert len(text) >= 20
+        assert TEXT.startswith(text)  # seed 0: the fixed text from its start, decoded by the real engine

@@ -17,9 +17,11 @@ and ("bye",) after the last events of a shutdown.
 from __future__ import annotations
 
 import pickle
+import queue
 import socket
 import struct
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -60,6 +62,41 @@ class FrameWriter:
                 self._sock.sendall(data)
 
 
+class FrameSender:
+    """Sends frames from a thread of its own; callers only queue them, in order.
+
+    For the front end: its event loop never waits on a full socket (a whole state may be on its way), and a
+    finalizer that the garbage collector runs in the middle of another send (a dropped state handle or
+    stream) only puts a message in a SimpleQueue, which is safe there, instead of taking a writer's lock
+    that its own thread may hold. After a failed send nothing more is sent: `on_error` is told once."""
+
+    _STOP = object()
+
+    def __init__(self, sock: socket.socket, on_error: Callable[[BaseException], None]) -> None:
+        self._writer = FrameWriter(sock)
+        self._sock = sock
+        self._queue: queue.SimpleQueue[object] = queue.SimpleQueue()
+        self._on_error = on_error
+        self._thread = threading.Thread(target=self._run, name="rwkvd-engine-sender", daemon=True)
+        self._thread.start()
+
+    def send(self, message: object) -> None:
+        self._queue.put(message)
+
+    def close(self) -> None:
+        """Sends what is queued, then closes the socket (from the sender's thread)."""
+        self._queue.put(self._STOP)
+
+    def _run(self) -> None:
+        try:
+            while (message := self._queue.get()) is not self._STOP:
+                self._writer.send(message)
+        except BaseException as exc:  # a torn frame: the stream is unusable from here on
+            self._on_error(exc)
+        finally:
+            self._sock.close()
+
+
 class FrameReader:
     """Splits bytes into messages as they arrive: for a non-blocking socket read on an event loop."""
 
@@ -79,7 +116,7 @@ class FrameReader:
                 if end - start - _HEADER.size < size:
                     break
                 body = start + _HEADER.size
-                messages.append(pickle.loads(view[body : body + size]))
+                messages.append(pickle.loads(view[body : body + size]))  # raises on a corrupt frame
                 start = body + size
         if start:
             del buffer[:start]

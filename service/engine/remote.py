@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from service.errors import RwkvdError, Unavailable
 from .config import EngineConfig
 from .local import EventStream, QueueSink
 from .observer import EngineObserver, ObserverGroup, RequestSample, request_api
-from .pipe import FrameReader, FrameWriter, RemoteState
+from .pipe import FrameReader, FrameSender, FrameWriter, RemoteState
 from .protocol import (
     EngineStats,
     Finished,
@@ -69,18 +70,20 @@ class EngineStartError(RuntimeError):
 
 @dataclass(slots=True)
 class _Open:
-    """A request submitted and not yet seen to end."""
+    """A request submitted and not yet seen to end (and what its end says if the engine process dies)."""
 
     sink: QueueSink
     prompt_tokens: int
+    api: str
+    arrival: float  # time.monotonic()
 
 
 async def start_engine_process(config: EngineConfig, log_level: str, log_format: str) -> ProcessEngineClient:
     """Starts an engine process, waits until its model is loaded, and returns its client on this loop."""
-    process, sock, writer, reader, first = await asyncio.to_thread(_spawn, config, log_level, log_format)
+    process, sock, reader, first = await asyncio.to_thread(_spawn, config, log_level, log_format)
     hello = first[0]
     assert isinstance(hello, tuple)  # _spawn checked it: ("ready", ModelInfo, engine token)
-    client = ProcessEngineClient(process, sock, writer, reader, hello[1], hello[2], config)
+    client = ProcessEngineClient(process, sock, reader, hello[1], hello[2], config)
     for message in first[1:]:
         client._dispatch(message)
     return client
@@ -88,7 +91,7 @@ async def start_engine_process(config: EngineConfig, log_level: str, log_format:
 
 def _spawn(
     config: EngineConfig, log_level: str, log_format: str
-) -> tuple[subprocess.Popen[bytes], socket.socket, FrameWriter, FrameReader, list[object]]:
+) -> tuple[subprocess.Popen[bytes], socket.socket, FrameReader, list[object]]:
     """(A worker thread.) Starts the process and blocks until its first message: model loaded, or failed."""
     ours, theirs = socket.socketpair()
     for sock in (ours, theirs):
@@ -96,10 +99,10 @@ def _spawn(
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SOCKET_BUFFER_BYTES)
     process = subprocess.Popen([*WORKER_COMMAND, str(theirs.fileno())], pass_fds=(theirs.fileno(),))
     theirs.close()
-    writer, reader = FrameWriter(ours), FrameReader()
+    reader = FrameReader()
     first: list[object] = []
     try:
-        writer.send(("start", config, log_level, log_format))
+        FrameWriter(ours).send(("start", config, log_level, log_format))
         while not first and (data := ours.recv(READ_BYTES)):
             first = reader.feed(data)
     except BaseException:
@@ -113,7 +116,7 @@ def _spawn(
     if not (isinstance(hello, tuple) and hello[0] == "ready"):
         why = hello[1] if isinstance(hello, tuple) and hello[0] == "failed" else f"exit code {process.returncode}"
         raise EngineStartError(f"the engine process did not start: {why}")
-    return process, ours, writer, reader, first
+    return process, ours, reader, first
 
 
 class ProcessEngineClient:
@@ -121,7 +124,6 @@ class ProcessEngineClient:
         self,
         process: subprocess.Popen[bytes],
         sock: socket.socket,
-        writer: FrameWriter,
         reader: FrameReader,
         model: ModelInfo,
         token: str,
@@ -129,7 +131,7 @@ class ProcessEngineClient:
     ) -> None:
         self._process = process
         self._sock = sock
-        self._writer = writer
+        self._fd = sock.fileno()
         self._reader = reader
         self._model = model
         self._token = token
@@ -149,9 +151,10 @@ class ProcessEngineClient:
         self._ended = threading.Event()  # its last message has been read (bye, or the end of the stream)
         # Called on the loop if the engine process ends without being asked to.
         self.on_lost: Callable[[], None] | None = None
-        # Writes block (a whole state may be sent); reads happen only when the loop says data is there.
-        sock.settimeout(60.0)
-        self._loop.add_reader(sock.fileno(), self._on_readable)
+        # Writes go through a thread of their own (blocking writes); the loop reads only when data is there.
+        sock.settimeout(None)
+        self._sender = FrameSender(sock, self._send_failed)
+        self._loop.add_reader(self._fd, self._on_readable)
 
     # EngineClient
 
@@ -172,10 +175,10 @@ class ProcessEngineClient:
                 self._observer.on_rejected(api, exc.kind.name.lower())
             raise
         sink = QueueSink(self._loop)
-        self._open[request.request_id] = _Open(sink, len(request.prompt))
+        self._open[request.request_id] = _Open(sink, len(request.prompt), api, time.monotonic())
         if self._observer is not None and self._observer.wants_origin:
             self._origins[request.request_id] = contextvars.copy_context()
-        self._writer.send(("submit", request, api))
+        self._sender.send(("submit", request, api))
         return EventStream(self._abort_nowait, sink, request.request_id)
 
     def check(self, request: GenerationRequest) -> None:
@@ -230,15 +233,16 @@ class ProcessEngineClient:
         """Stops the engine process (what still runs is cancelled and its ends delivered) and waits for it.
         Blocking: call it off the loop (the loop reads the last events meanwhile)."""
         self._stopping = True
-        with contextlib.suppress(OSError):
-            self._writer.send(("shutdown",))
+        self._sender.send(("shutdown",))
         self._ended.wait(timeout)
         try:
-            self._process.wait(timeout)
+            code = self._process.wait(timeout)
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within %.0fs; killing it", timeout)
             self._process.kill()
-            self._process.wait()
+            code = self._process.wait()
+        if code != 0 and self._lost is None:
+            log.error("the engine process exited with code %s while stopping", code)
 
     # Internals
 
@@ -259,10 +263,9 @@ class ProcessEngineClient:
         return isinstance(state, RemoteState) and state.engine == self._token
 
     def _abort_nowait(self, request_id: str) -> None:
-        # Also from EventStream.__del__, on whatever thread collects it: the writer takes a lock.
-        if request_id in self._open and self._lost is None and not self._ended.is_set():
-            with contextlib.suppress(OSError):
-                self._writer.send(("abort", request_id))
+        # Also from EventStream.__del__, on whatever thread collects it, mid-send included: it only queues.
+        if request_id in self._open and not self._ended.is_set():
+            self._sender.send(("abort", request_id))
 
     async def _call(self, op: str, argument: object) -> object:
         if self._lost is not None or self._ended.is_set():
@@ -270,8 +273,11 @@ class ProcessEngineClient:
         call_id = next(self._call_ids)
         future: asyncio.Future[object] = self._loop.create_future()
         self._calls[call_id] = future
-        self._writer.send(("call", call_id, op, argument))
-        return await future
+        self._sender.send(("call", call_id, op, argument))
+        try:
+            return await future
+        finally:
+            self._calls.pop(call_id, None)  # answered, or its caller went away
 
     def _adopt(self, state: RemoteState) -> RemoteState:
         """From now on the engine process keeps `state` exactly as long as this process references it."""
@@ -280,9 +286,24 @@ class ProcessEngineClient:
         return state
 
     def _release(self, handle: int) -> None:
-        if self._lost is None and not self._ended.is_set():
-            with contextlib.suppress(OSError):
-                self._writer.send(("release", handle))
+        # A finalizer, on whatever thread collects the handle, mid-send included: it only queues.
+        if not self._ended.is_set():
+            self._sender.send(("release", handle))
+
+    def _send_failed(self, exc: BaseException) -> None:
+        """(The sender's thread.) A frame could not be sent whole: the engine process cannot be spoken to."""
+        if self._stopping:  # it exits after its bye: a late release finds the socket closed, and that is all
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is left to tell
+            self._loop.call_soon_threadsafe(self._broken, f"sending to the engine process failed: {exc!r}")
+
+    def _broken(self, why: str) -> None:
+        """The pipe to the engine process is unusable: stop it and fail what it had."""
+        if self._ended.is_set():
+            return
+        log.critical("%s; stopping the engine process", why)
+        self._process.kill()
+        self._end(why)
 
     def _on_readable(self) -> None:
         try:
@@ -294,7 +315,12 @@ class ProcessEngineClient:
         if not data:
             self._end()
             return
-        for message in self._reader.feed(data):
+        try:
+            messages = self._reader.feed(data)
+        except Exception as exc:  # a corrupt frame: nothing after it can be trusted
+            self._broken(f"a frame from the engine process could not be read: {exc!r}")
+            return
+        for message in messages:
             self._dispatch(message)
 
     def _dispatch(self, message: object) -> None:
@@ -343,21 +369,39 @@ class ProcessEngineClient:
         if self._observer is not None:
             self._observer.on_request_end(sample)
 
-    def _end(self) -> None:
-        """The engine process's stream ended: after its bye when asked to stop, else it died."""
+    def _end(self, why: str | None = None) -> None:
+        """The engine process's stream ended: after its bye when asked to stop; else it died (or `why`)."""
         if self._ended.is_set():
             return
-        self._loop.remove_reader(self._sock.fileno())
-        lost = not self._stopping
+        self._loop.remove_reader(self._fd)
+        lost = not self._stopping or why is not None
         if lost:
             code = self._process.poll()
-            self._lost = "the engine process ended unexpectedly" + (f" (exit code {code})" if code is not None else "")
+            self._lost = why or "the engine process ended unexpectedly" + (
+                f" (exit code {code})" if code is not None else ""
+            )
             log.critical("%s; failing its %d open requests", self._lost, len(self._open))
         why = self._lost or "the engine stopped"
+        now = time.monotonic()
         for request_id, opened in self._open.items():
             usage = Usage(opened.prompt_tokens, 0, 0)
             ended = Finished(request_id, FinishReason.ERROR, usage, Timings(0.0, 0.0, 0.0, 0.0), 0, error=why)
             opened.sink.deliver([ended])
+            sample = RequestSample(
+                request_id=request_id,
+                api=opened.api,
+                reason=FinishReason.ERROR,
+                usage=usage,
+                arrival=opened.arrival,
+                prefill_start=None,
+                prefill_end=None,
+                first_token=None,
+                last_token=None,
+                end=now,
+                error=why,
+                origin=None,
+            )
+            self._on_request_end(sample)  # counted and traced like any failed request
         self._open.clear()
         self._origins.clear()
         for future in self._calls.values():
@@ -365,6 +409,8 @@ class ProcessEngineClient:
                 future.set_exception(Unavailable(why, reason="ENGINE_UNAVAILABLE"))
         self._calls.clear()
         self._ended.set()
-        self._sock.close()
+        with contextlib.suppress(OSError):
+            self._sock.shutdown(socket.SHUT_RDWR)  # a send blocked on a full socket returns (and fails)
+        self._sender.close()
         if lost and self.on_lost is not None:
             self.on_lost()

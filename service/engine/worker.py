@@ -23,7 +23,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future
 from typing import cast
 
 from service import logs
@@ -134,7 +133,14 @@ class EngineHost:
 
     def serve(self, read: Callable[[], object | None]) -> None:
         """Runs commands until shutdown or the end of the stream, then stops the engine (cancelling what runs)."""
-        while (message := read()) is not None:
+        while True:
+            try:
+                message = read()
+            except Exception:  # a corrupt frame: nothing after it can be trusted
+                log.exception("engine process: a command could not be read; stopping")
+                break
+            if message is None:
+                break
             if not isinstance(message, tuple) or not message:
                 log.error("engine process: a malformed command %r", message)
                 continue
@@ -173,43 +179,67 @@ class EngineHost:
             try:
                 kept = self._lookup(request.start_state)
             except RwkvdError:  # released before it was used: the front end held no reference (a bug there)
-                self._refuse(request, "the start state was released")
+                self._refuse(request, api, "the start state was released")
                 return
             request = dataclasses.replace(request, start_state=kept)
         try:
             self.client.submit(request, _PipeSink(request.request_id, self._outlet), api)
         except RwkvdError as exc:  # the front end admitted it; the engine refuses only while stopping
-            self._refuse(request, str(exc))
+            self._refuse(request, api, str(exc))
+        except Exception as exc:  # a bug: the request still ends, and says so
+            log.exception("engine process: submitting %s failed", request.request_id)
+            self._refuse(request, api, f"submission failed: {type(exc).__name__}: {exc}")
 
-    def _refuse(self, request: GenerationRequest, why: str) -> None:
-        """Ends a request this process could not take, as the front end expects every request to end.
+    def _refuse(self, request: GenerationRequest, api: str, why: str) -> None:
+        """Ends a request this process could not take, as the front end expects every request to end (and
+        its observers count every request).
 
         Sent from the engine thread, as everything this process writes but its bye: the reader thread never
-        waits on a full socket, so the front end's own (blocking) writes always drain."""
+        waits on a full socket, so the front end's writes always drain."""
+        usage = Usage(len(request.prompt), 0, 0)
         ended = Finished(
             request.request_id,
             FinishReason.ERROR,
-            Usage(len(request.prompt), 0, 0),
+            usage,
             Timings(0.0, 0.0, 0.0, 0.0),
             seed=request.sampling.seed or 0,
             error=why,
         )
-        self.client.call_later(
-            lambda: self.writer.send(("events", [(request.request_id, [ended])], self.client.stats()))
+        now = time.monotonic()
+        sample = RequestSample(
+            request_id=request.request_id,
+            api=api,
+            reason=FinishReason.ERROR,
+            usage=usage,
+            arrival=now,
+            prefill_start=None,
+            prefill_end=None,
+            first_token=None,
+            last_token=None,
+            end=now,
+            error=why,
+            origin=None,
         )
+
+        def send() -> None:
+            self.writer.send(("end", sample))
+            self.writer.send(("events", [(request.request_id, [ended])], self.client.stats()))
+
+        self.client.call_later(send)
 
     def _call(self, call_id: object, op: str, argument: object) -> None:
         """Runs a call in the engine thread (between steps) and sends its result or error from there."""
 
-        def reply(done: Future[object]) -> None:
-            exc = done.exception()
-            if exc is None:
-                self.writer.send(("reply", call_id, True, done.result()))
-            else:
-                error = exc if isinstance(exc, RwkvdError) else InternalError(f"{type(exc).__name__}: {exc}")
-                self.writer.send(("reply", call_id, False, error))
+        def run_and_reply() -> None:
+            try:
+                self.writer.send(("reply", call_id, True, self._run(op, argument)))
+            except RwkvdError as exc:
+                self.writer.send(("reply", call_id, False, exc))
+            except Exception as exc:
+                log.exception("engine process: call %s failed", op)
+                self.writer.send(("reply", call_id, False, InternalError(f"{type(exc).__name__}: {exc}")))
 
-        self.client.call_later(lambda: self._run(op, argument)).add_done_callback(reply)
+        self.client.call_later(run_and_reply)
 
     def _run(self, op: str, argument: object) -> object:
         """(Engine thread.) One call's work."""
