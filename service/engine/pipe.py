@@ -16,6 +16,7 @@ and ("bye",) after the last events of a shutdown.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import queue
 import socket
@@ -68,7 +69,8 @@ class FrameSender:
     For the front end: its event loop never waits on a full socket (a whole state may be on its way), and a
     finalizer that the garbage collector runs in the middle of another send (a dropped state handle or
     stream) only puts a message in a SimpleQueue, which is safe there, instead of taking a writer's lock
-    that its own thread may hold. After a failed send nothing more is sent: `on_error` is told once."""
+    that its own thread may hold. After a failed send nothing more is sent: `on_error` is told once, and the
+    socket stays open for reading until close()."""
 
     _STOP = object()
 
@@ -84,15 +86,25 @@ class FrameSender:
         self._queue.put(message)
 
     def close(self) -> None:
-        """Sends what is queued, then closes the socket (from the sender's thread)."""
+        """Sends what is queued, then closes the socket (from the sender's thread). The reader of the socket
+        must have stopped watching it first: its descriptor number is free for reuse once closed."""
         self._queue.put(self._STOP)
 
     def _run(self) -> None:
+        failed = False
         try:
             while (message := self._queue.get()) is not self._STOP:
-                self._writer.send(message)
-        except BaseException as exc:  # a torn frame: the stream is unusable from here on
-            self._on_error(exc)
+                if failed:
+                    continue  # nothing more goes out after a torn frame
+                try:
+                    self._writer.send(message)
+                except BaseException as exc:
+                    failed = True
+                    # The peer reads the end of the stream; this side stays open, so what the peer sent
+                    # before (its last events, a bye) is still read.
+                    with contextlib.suppress(OSError):
+                        self._sock.shutdown(socket.SHUT_WR)
+                    self._on_error(exc)
         finally:
             self._sock.close()
 

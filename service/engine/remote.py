@@ -234,9 +234,10 @@ class ProcessEngineClient:
         Blocking: call it off the loop (the loop reads the last events meanwhile)."""
         self._stopping = True
         self._sender.send(("shutdown",))
+        deadline = time.monotonic() + timeout
         self._ended.wait(timeout)
         try:
-            code = self._process.wait(timeout)
+            code = self._process.wait(max(deadline - time.monotonic(), 0.1))
         except subprocess.TimeoutExpired:
             log.error("the engine process did not stop within %.0fs; killing it", timeout)
             self._process.kill()
