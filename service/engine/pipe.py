@@ -115,7 +115,7 @@ class FrameReader:
     def __init__(self) -> None:
         self._buffer = bytearray()
 
-    def feed(self, data: bytes) -> list[object]:
+    def feed(self, data: bytes | memoryview) -> list[object]:
         """The messages completed by `data`, in order (a partial frame stays for the next call)."""
         buffer = self._buffer
         buffer += data

@@ -154,6 +154,7 @@ class ProcessEngineClient:
         # Writes go through a thread of their own (blocking writes); the loop reads only when data is there.
         sock.settimeout(None)
         self._sender = FrameSender(sock, self._send_failed)
+        self._inbox = memoryview(bytearray(READ_BYTES))
         self._loop.add_reader(self._fd, self._on_readable)
 
     # EngineClient
@@ -308,16 +309,17 @@ class ProcessEngineClient:
 
     def _on_readable(self) -> None:
         try:
-            data = self._sock.recv(READ_BYTES)
+            # Into one buffer kept for the purpose: recv(n) would allocate (and, this large, map) n bytes a call.
+            size = self._sock.recv_into(self._inbox)
         except (BlockingIOError, InterruptedError, TimeoutError):
             return
         except OSError:
-            data = b""
-        if not data:
+            size = 0
+        if not size:
             self._end()
             return
         try:
-            messages = self._reader.feed(data)
+            messages = self._reader.feed(self._inbox[:size])
         except Exception as exc:  # a corrupt frame: nothing after it can be trusted
             self._broken(f"a frame from the engine process could not be read: {exc!r}")
             return
