@@ -20,6 +20,8 @@ HEADERS = {"Cache-Control": "no-cache", "Connection": "keep-alive", "X-Accel-Buf
 
 
 def event(data: str, name: str | None = None, event_id: str | None = None) -> bytes:
+    if name is None and event_id is None and "\n" not in data and "\r" not in data:
+        return ("data: " + data + "\n\n").encode()  # the usual case (a JSON payload): one data line
     lines = []
     if name is not None:
         lines.append(f"event: {name}")
