@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextvars
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -56,6 +57,25 @@ class RequestSample:
     error: str | None
     # The submitting call's context, kept only for observers that ask (tracing parents its span on it).
     origin: contextvars.Context | None
+
+    @classmethod
+    def unserved(cls, request_id: str, api: str, usage: Usage, arrival: float, error: str) -> RequestSample:
+        """A request that ended with an error without the engine running it (refused by an engine process,
+        or lost with one), ending now."""
+        return cls(
+            request_id=request_id,
+            api=api,
+            reason=FinishReason.ERROR,
+            usage=usage,
+            arrival=arrival,
+            prefill_start=None,
+            prefill_end=None,
+            first_token=None,
+            last_token=None,
+            end=time.monotonic(),
+            error=error,
+            origin=None,
+        )
 
     @property
     def queue_seconds(self) -> float:

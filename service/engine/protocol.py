@@ -197,6 +197,12 @@ class Finished:
     state: StateRef | None = None  # when keep_state
     error: str | None = None  # when reason is ERROR
 
+    @classmethod
+    def unserved(cls, request_id: str, prompt_tokens: int, error: str, seed: int = 0) -> Finished:
+        """The end of a request that failed without the engine running it (see RequestSample.unserved)."""
+        usage = Usage(prompt_tokens, 0, 0)
+        return cls(request_id, FinishReason.ERROR, usage, Timings(0.0, 0.0, 0.0, 0.0), seed, error=error)
+
 
 TokenEvent = Started | Delta | Finished
 

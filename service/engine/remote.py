@@ -41,13 +41,10 @@ from .pipe import FrameReader, FrameSender, FrameWriter, RemoteState
 from .protocol import (
     EngineStats,
     Finished,
-    FinishReason,
     GenerationRequest,
     ModelInfo,
     StateRef,
-    Timings,
     TokenEvent,
-    Usage,
     check_admission,
     check_request,
     foreign_state,
@@ -385,26 +382,11 @@ class ProcessEngineClient:
             )
             log.critical("%s; failing its %d open requests", self._lost, len(self._open))
         why = self._lost or "the engine stopped"
-        now = time.monotonic()
         for request_id, opened in self._open.items():
-            usage = Usage(opened.prompt_tokens, 0, 0)
-            ended = Finished(request_id, FinishReason.ERROR, usage, Timings(0.0, 0.0, 0.0, 0.0), 0, error=why)
+            ended = Finished.unserved(request_id, opened.prompt_tokens, why)
             opened.sink.deliver([ended])
-            sample = RequestSample(
-                request_id=request_id,
-                api=opened.api,
-                reason=FinishReason.ERROR,
-                usage=usage,
-                arrival=opened.arrival,
-                prefill_start=None,
-                prefill_end=None,
-                first_token=None,
-                last_token=None,
-                end=now,
-                error=why,
-                origin=None,
-            )
-            self._on_request_end(sample)  # counted and traced like any failed request
+            # counted and traced like any failed request
+            self._on_request_end(RequestSample.unserved(request_id, opened.api, ended.usage, opened.arrival, why))
         self._open.clear()
         self._origins.clear()
         for future in self._calls.values():

@@ -34,12 +34,9 @@ from .observer import RequestSample, StepSample
 from .pipe import FrameWriter, RemoteState, read_frame
 from .protocol import (
     Finished,
-    FinishReason,
     GenerationRequest,
     StateRef,
-    Timings,
     TokenEvent,
-    Usage,
     foreign_state,
 )
 from .sequence import Sink
@@ -196,30 +193,8 @@ class EngineHost:
 
         Sent from the engine thread, as everything this process writes but its bye: the reader thread never
         waits on a full socket, so the front end's writes always drain."""
-        usage = Usage(len(request.prompt), 0, 0)
-        ended = Finished(
-            request.request_id,
-            FinishReason.ERROR,
-            usage,
-            Timings(0.0, 0.0, 0.0, 0.0),
-            seed=request.sampling.seed or 0,
-            error=why,
-        )
-        now = time.monotonic()
-        sample = RequestSample(
-            request_id=request.request_id,
-            api=api,
-            reason=FinishReason.ERROR,
-            usage=usage,
-            arrival=now,
-            prefill_start=None,
-            prefill_end=None,
-            first_token=None,
-            last_token=None,
-            end=now,
-            error=why,
-            origin=None,
-        )
+        ended = Finished.unserved(request.request_id, len(request.prompt), why, seed=request.sampling.seed or 0)
+        sample = RequestSample.unserved(request.request_id, api, ended.usage, time.monotonic(), why)
 
         def send() -> None:
             self.writer.send(("end", sample))
