@@ -25,7 +25,16 @@ from service.engine.pipe import RemoteState
 from service.engine.protocol import Finished, FinishReason, GenerationRequest, SamplingParams
 from service.engine.remote import EngineStartError, ProcessEngineClient, start_engine_process
 from service.errors import AlreadyExists, InvalidArgument, ResourceExhausted, Unavailable
-from tests.engine.test_engine import Run, check_events, greedy, make_config, prompt_of, request, seeded
+from tests.engine.test_engine import (
+    Run,
+    assert_same_run,
+    check_events,
+    greedy,
+    make_config,
+    prompt_of,
+    request,
+    seeded,
+)
 from tests.support import eventually
 
 LONG = SamplingParams(max_tokens=100_000, temperature=0.0, ignore_eos=True)
@@ -270,3 +279,23 @@ async def test_a_corrupt_frame_from_the_engine_process_fails_every_open_request(
     assert lost == [True]
     with pytest.raises(Unavailable):
         remote.generate(GenerationRequest("after", (1,), LONG))
+
+
+@pytest.mark.gpu
+async def test_an_engine_process_on_cuda_gives_the_in_process_engines_tokens(tiny_checkpoint: Path) -> None:
+    """On a GPU (bench/gpu_suite.sh): the engine process owns the device; same tokens as in-process, and the
+    device memory it reports reaches the front end (rwkvd_gpu_memory_bytes)."""
+    config = make_config(tiny_checkpoint, device="cuda", dtype="float32")
+    local = build_engine(config)
+    remote = await start(config)
+    try:
+        assert remote.model.device.startswith("cuda")
+        prompt = prompt_of(local, 40, offset=9)
+        for req in (request(prompt, greedy(max_tokens=24)), request(prompt[:7], seeded(3, max_tokens=24))):
+            assert_same_run(await collect(local, req), await collect(remote, req))
+        memory = remote.device_memory()
+        assert memory["allocated"] > 0
+        assert memory["total"] >= memory["reserved"] >= memory["allocated"]
+    finally:
+        local.shutdown()
+        await asyncio.to_thread(remote.shutdown)
