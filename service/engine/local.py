@@ -231,7 +231,7 @@ class LocalEngineClient:
 
         Always through an ObserverGroup, which contains an observer's errors: the engine thread calls
         the observer unguarded."""
-        self._engine.observer = observer if isinstance(observer, ObserverGroup) else ObserverGroup([observer])
+        self._engine.observer = ObserverGroup.guarding(observer)
 
     def device_memory(self) -> dict[str, int]:
         """Bytes of device memory (allocated, reserved by torch's allocator, total) on CUDA; empty elsewhere."""

@@ -128,6 +128,11 @@ class ObserverGroup:
         self._observers = tuple(observers)
         self.wants_origin = any(o.wants_origin for o in self._observers)
 
+    @classmethod
+    def guarding(cls, observer: EngineObserver) -> ObserverGroup:
+        """`observer` with its errors contained: itself if it is a group, else a group of one."""
+        return observer if isinstance(observer, ObserverGroup) else cls([observer])
+
     def on_step(self, step: StepSample) -> None:
         for o in self._observers:
             try:

@@ -209,7 +209,7 @@ class ProcessEngineClient:
     # What the app and metrics use beside EngineClient (as LocalEngineClient offers them).
 
     def observe(self, observer: EngineObserver) -> None:
-        self._observer = observer if isinstance(observer, ObserverGroup) else ObserverGroup([observer])
+        self._observer = ObserverGroup.guarding(observer)
 
     def step_clock(self) -> dict[str, float]:
         return dict(self._clock)
